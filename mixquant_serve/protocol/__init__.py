@@ -1,0 +1,1 @@
+"""Typed messages and ZMQ channels between the router and the workers (no torch here)."""
