@@ -1,0 +1,228 @@
+"""The engine: one model on one device, stepped by its owner (a worker loop or the offline API).
+
+    engine = Engine(model_path=None)               # None: the embedded SmolLM2-135M-Instruct
+    outs = engine.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0))
+
+`add_request` / `step` / `abort` are the streaming interface the worker process drives; `step` runs
+one batch and returns a ReqOutput increment for every request that gained a token or finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from mixquant_serve.config import ConfigError, EngineConfig, ModelConfig
+from mixquant_serve.engine.model_runner import ModelRunner
+from mixquant_serve.engine.request import Request
+from mixquant_serve.engine.scheduler import Batch, Phase, Scheduler
+from mixquant_serve.kvcache.page_pool import PagePool
+from mixquant_serve.kvcache.radix_cache import RadixCache
+from mixquant_serve.layers.sampler import Sampler
+from mixquant_serve.models.embedded import resolve_model_path
+from mixquant_serve.models.registry import check_architecture
+from mixquant_serve.protocol.messages import ReqOutput, TokenLogprob
+from mixquant_serve.sampling_params import SamplingParams
+from mixquant_serve.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger("mixquant.engine")
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class RequestError(ValueError):
+    """A request the engine refuses; `code` follows OpenAI's error codes."""
+
+    def __init__(self, message: str, code: str = "invalid_request", param: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.param = code, param
+
+
+@dataclass
+class RequestOutput:
+    """A finished request, as the offline API returns it."""
+
+    rid: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    cached_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    error: str | None = None
+
+
+def resolve_config(config: EngineConfig) -> tuple[EngineConfig, ModelConfig]:
+    """Fill in the "auto" values and check the model folder; raises ConfigError naming the problem."""
+    config.validate()
+    config = dataclasses.replace(config, model_path=resolve_model_path(config.model_path))
+    mcfg = ModelConfig.from_path(config.model_path)
+    check_architecture(mcfg)
+    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = config.dtype if config.dtype != "auto" else "bfloat16"
+    ctx = config.context_length or mcfg.max_position_embeddings
+    if ctx > mcfg.max_position_embeddings:
+        raise ConfigError(f"--context-length {ctx} exceeds the model's max_position_embeddings "
+                          f"{mcfg.max_position_embeddings}")
+    backend = config.attention_backend if config.attention_backend != "auto" else "torch_ref"
+    return dataclasses.replace(config, device=device, dtype=dtype, context_length=ctx,
+                               attention_backend=backend), mcfg
+
+
+class Engine:
+    def __init__(self, model_path: str | None = None, **kwargs) -> None:
+        self.config, self.model_config = resolve_config(EngineConfig(model_path=model_path or "", **kwargs))
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        self.tokenizer = Tokenizer.from_path(cfg.tokenizer_path or cfg.model_path)
+        self.runner = ModelRunner(cfg, self.model_config, torch.device(cfg.device), _DTYPES[cfg.dtype])
+        self.pool = PagePool(self.runner.storage.num_pages, cfg.page_size)
+        self.cache = RadixCache(self.pool) if cfg.enable_prefix_caching else None
+        self.scheduler = Scheduler(self.pool, self.cache, cfg.max_running_requests, cfg.chunked_prefill_size)
+        self.sampler = Sampler()
+        self.requests: dict[str, Request] = {}
+        self.eos_ids = frozenset(self.model_config.eos_token_ids)
+        self.counters = dict.fromkeys(
+            ("prompt_tokens", "cached_tokens", "computed_prefill_tokens", "generated_tokens",
+             "requests_finished", "requests_aborted", "requests_failed"), 0)
+        log.info("engine ready: %s on %s, prefill=%s decode=%s, %d KV pages of %d tokens, weights %s",
+                 self.model_config.architecture, cfg.device, cfg.prefill_precision, cfg.decode_precision,
+                 self.pool.capacity, cfg.page_size, self.weight_summary())
+
+    # -- streaming interface ----------------------------------------------------------------------
+    def add_request(self, rid: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        if rid in self.requests:
+            raise RequestError(f"request id {rid!r} is already in use", param="rid")
+        params.validate()
+        n, ctx = len(prompt_ids), self.config.context_length
+        if n == 0:
+            raise RequestError("the prompt is empty", param="prompt")
+        if bad := [t for t in prompt_ids if not 0 <= t < self.model_config.vocab_size][:1]:
+            raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary", param="prompt")
+        if n >= ctx or (params.max_tokens or 0) + n > ctx:
+            raise RequestError(
+                f"this model's context length is {ctx} tokens; the prompt has {n} and max_tokens asks "
+                f"for {params.max_tokens}", code="context_length_exceeded", param="max_tokens")
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens, params.stop)
+        req = Request(rid, list(prompt_ids), params, max_new_tokens=min(params.max_tokens or ctx, ctx - n),
+                      stop_token_set=stop_ids, detok=detok, sample_in_prefill=not self.config.mixed_precision)
+        self.requests[rid] = req
+        self.scheduler.add(req)
+        self.counters["prompt_tokens"] += n
+
+    def abort(self, rid: str) -> ReqOutput | None:
+        req = self.requests.pop(rid, None)
+        if req is None:
+            return None
+        self.scheduler.remove(rid)
+        self.counters["requests_aborted"] += 1
+        return ReqOutput(rid=rid, finished=True, finish_reason="abort", prompt_tokens=req.num_prompt_tokens,
+                         cached_tokens=req.cached_tokens, completion_tokens=len(req.output_ids))
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[ReqOutput]:
+        batch = self.scheduler.next_batch()
+        if batch is None:
+            return []
+        precision = self.config.prefill_precision if batch.phase is Phase.PREFILL else self.config.decode_precision
+        try:
+            logits = self.runner.forward(batch, precision)
+            self.scheduler.commit(batch)
+            if batch.phase is Phase.PREFILL:
+                self.counters["computed_prefill_tokens"] += batch.num_tokens
+            return self._sample(batch, logits)
+        except Exception as e:  # a bug or device fault must not take the other requests down
+            log.exception("step failed; failing its %d requests", len(batch.reqs))
+            return [self._fail(req, f"internal error: {e}") for req in batch.reqs]
+
+    def _sample(self, batch: Batch, logits: torch.Tensor | None) -> list[ReqOutput]:
+        reqs = [r for r, s in zip(batch.reqs, batch.sample) if s]
+        if not reqs:
+            return []
+        result = self.sampler(logits, reqs)
+        outputs = []
+        for req, token, lp in zip(reqs, result.token_ids, result.logprobs):
+            first = len(req.output_ids)
+            req.append(token, lp)
+            self.counters["generated_tokens"] += 1
+            if req.finish_reason is not None:
+                self._finish(req)
+            outputs.append(self._increment(req, first))
+        return outputs
+
+    def _increment(self, req: Request, first: int) -> ReqOutput:
+        if first == 0:
+            self.counters["cached_tokens"] += req.cached_tokens
+        text, req.pending_text = req.pending_text, ""
+        lps = req.logprobs[first:] if req.params.logprobs is not None else None
+        return ReqOutput(rid=req.rid, token_ids=req.output_ids[first:], text=text, logprobs=lps,
+                         finished=req.finished, finish_reason=req.finish_reason,
+                         prompt_tokens=req.num_prompt_tokens, cached_tokens=req.cached_tokens,
+                         completion_tokens=len(req.output_ids))
+
+    def _finish(self, req: Request) -> None:
+        if req.detok is not None and not req.stop_string_hit:
+            req.pending_text += req.detok.flush()
+        self.scheduler.finish(req)
+        self.requests.pop(req.rid, None)
+        self.counters["requests_finished"] += 1
+
+    def _fail(self, req: Request, message: str) -> ReqOutput:
+        self.scheduler.remove(req.rid)
+        self.requests.pop(req.rid, None)
+        self.counters["requests_failed"] += 1
+        return ReqOutput(rid=req.rid, finished=True, finish_reason="error", error=message,
+                         error_code="internal_error", prompt_tokens=req.num_prompt_tokens,
+                         completion_tokens=len(req.output_ids))
+
+    # -- introspection ----------------------------------------------------------------------------
+    def weight_summary(self) -> str:
+        return ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in self.runner.weight_bytes.items())
+
+    def stats(self) -> dict[str, int]:
+        sched = self.scheduler
+        return {
+            "num_running": len(sched.running), "num_waiting": len(sched.waiting),
+            "queued_tokens": sched.queued_tokens, "free_pages": self.pool.num_free,
+            "total_pages": self.pool.capacity, "cached_pages": self.cache.num_pages if self.cache else 0,
+        }
+
+    # -- offline API ------------------------------------------------------------------------------
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 ) -> list[RequestOutput]:
+        """Run prompts (text or token ids) to completion; outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        results: dict[str, RequestOutput] = {}
+        order = []
+        for prompt, p in zip(prompts, params):
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            rid = uuid.uuid4().hex
+            self.add_request(rid, ids, p)
+            results[rid] = RequestOutput(rid, ids)
+            order.append(rid)
+        while any(results[r].finish_reason is None for r in order):
+            if not self.has_work:
+                raise RuntimeError("engine idle with unfinished requests")
+            for out in self.step():
+                res = results[out.rid]
+                res.token_ids += out.token_ids
+                res.text += out.text
+                res.logprobs += out.logprobs or []
+                if out.finished:
+                    res.finish_reason, res.cached_tokens, res.error = out.finish_reason, out.cached_tokens, out.error
+        return [results[r] for r in order]

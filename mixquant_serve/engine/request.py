@@ -1,0 +1,108 @@
+"""A request inside the engine. State lives in a few counters; everything else is derived from them.
+
+    token_ids      prompt + output so far
+    num_computed   tokens whose KV is in the request's pages (a reused prefix counts)
+    pages          page table: pages[i] holds positions [i*page_size, (i+1)*page_size)
+
+The KV of the newest token is computed by the step that feeds it, so a decoding request always has
+num_computed == num_tokens - 1 before its step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from mixquant_serve.protocol.messages import TokenLogprob
+from mixquant_serve.sampling_params import SamplingParams
+from mixquant_serve.tokenizer import IncrementalDetokenizer
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    stop_token_set: frozenset[int]
+    detok: IncrementalDetokenizer | None = None
+    # Mix-Quant: when prefill and decode precisions differ, the last token before each sample runs
+    # in the decode precision, so prefill stops one token short.
+    sample_in_prefill: bool = True
+    arrival: float = field(default_factory=time.monotonic)
+    status: Status = Status.WAITING
+    token_ids: list[int] = field(init=False)
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    cached_tokens: int = 0
+    admitted_once: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    generator: torch.Generator | None = None
+    # output not yet reported: (first new token index, text delta)
+    reported_tokens: int = 0
+    pending_text: str = ""
+    stop_string_hit: bool = False
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_ids)
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def prefill_target(self) -> int:
+        """How many tokens' KV prefill computes before the request decodes."""
+        return self.num_tokens - (0 if self.sample_in_prefill else 1)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < self.prefill_target
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def append(self, token: int, logprob: TokenLogprob | None) -> None:
+        self.token_ids.append(token)
+        self.output_ids.append(token)
+        self.logprobs.append(logprob)
+        if self.detok is not None:
+            text, stopped = self.detok.add([token])
+            self.pending_text += text
+            if stopped:
+                self.finish_reason, self.stop_string_hit = "stop", True
+                return
+        if self.finish_reason is None:
+            self.finish_reason = self._stop_reason(token)
+
+    def _stop_reason(self, token: int) -> str | None:
+        if token in self.stop_token_set and len(self.output_ids) > self.params.min_tokens:
+            return "stop"
+        if len(self.output_ids) >= self.max_new_tokens:
+            return "length"
+        return None
+
+    def reset_for_recompute(self) -> None:
+        """Preempted: its pages are gone; it will prefill prompt + output again."""
+        self.pages = []
+        self.num_computed = 0
+        self.status = Status.WAITING

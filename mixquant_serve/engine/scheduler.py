@@ -1,0 +1,206 @@
+"""Continuous batching with chunked prefill, prefix reuse, admission control and preemption.
+
+Queues: `waiting` (FIFO, not yet holding pages) -> `running` (holding pages; prefilling while
+num_computed < prefill_target, then decoding) -> finished (pages released, full pages kept by the
+radix cache). Each step is one phase: a prefill batch (new and continuing chunks, up to the token
+budget) or a decode batch (one token for every decoding request). When both kinds of work exist the
+phases alternate, so long prompts do not stall running streams.
+
+Pages: a request takes pages as its tokens need them. When the pool runs dry the radix cache evicts
+unreferenced pages; if that is not enough, admission waits, and decode preempts the most recently
+admitted request (its pages are released and it is recomputed later). No request is ever dropped
+for lack of pages.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum
+
+from mixquant_serve.kvcache.page_pool import PagePool
+from mixquant_serve.kvcache.radix_cache import RadixCache
+from mixquant_serve.engine.request import Request, Status
+
+
+class Phase(Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass
+class Batch:
+    phase: Phase
+    reqs: list[Request]
+    lengths: list[int]  # new tokens each request computes this step
+    sample: list[bool]  # whether each request samples a token after this step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.lengths)
+
+
+class Scheduler:
+    def __init__(self, pool: PagePool, cache: RadixCache | None, max_running: int, token_budget: int) -> None:
+        self.pool = pool
+        self.cache = cache
+        self.max_running = max_running
+        self.token_budget = token_budget
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.last_phase: Phase | None = None
+        self.num_preemptions = 0
+
+    # -- queue management -------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def remove(self, rid: str) -> Request | None:
+        """Take a request out of the scheduler (abort), releasing its pages."""
+        for req in self.waiting:
+            if req.rid == rid:
+                self.waiting.remove(req)
+                return req
+        for req in self.running:
+            if req.rid == rid:
+                self.running.remove(req)
+                self._release(req, cache_it=False)
+                return req
+        return None
+
+    def finish(self, req: Request) -> None:
+        self.running.remove(req)
+        self._release(req, cache_it=True)
+        req.status = Status.FINISHED
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def queued_tokens(self) -> int:
+        """Tokens still to prefill, waiting and running."""
+        return sum(r.prefill_target - r.num_computed for r in self.waiting) + sum(
+            max(0, r.prefill_target - r.num_computed) for r in self.running)
+
+    # -- batch selection --------------------------------------------------------------------------
+    def next_batch(self) -> Batch | None:
+        decode_first = self.last_phase is Phase.PREFILL and any(not r.in_prefill for r in self.running)
+        makers = (self._decode_batch, self._prefill_batch) if decode_first else (self._prefill_batch,
+                                                                                   self._decode_batch)
+        for make in makers:
+            batch = make()
+            if batch is not None:
+                self.last_phase = batch.phase
+                return batch
+        return None
+
+    def _prefill_batch(self) -> Batch | None:
+        budget = self.token_budget
+        reqs, lengths = [], []
+        for req in sorted((r for r in self.running if r.in_prefill), key=lambda r: r.arrival):
+            if budget <= 0:
+                break
+            if req not in self.running:  # preempted to make room for an older request
+                continue
+            n = self._grow(req, min(budget, req.prefill_target - req.num_computed))
+            if n:
+                reqs.append(req), lengths.append(n)
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+            req = self.waiting[0]
+            if not self._admit(req):
+                break
+            self.waiting.popleft()
+            if not req.in_prefill:  # all but the last token came from the cache: straight to decode
+                continue
+            n = self._grow(req, min(budget, req.prefill_target - req.num_computed))
+            reqs.append(req), lengths.append(n)
+            budget -= n
+        # an old request re-admitted after preemption may have preempted newer ones picked above
+        picked = [(r, n) for r, n in zip(reqs, lengths) if r in self.running and n > 0]
+        if not picked:
+            return None
+        reqs, lengths = [r for r, _ in picked], [n for _, n in picked]
+        sample = [r.sample_in_prefill and r.num_computed + n == r.prefill_target for r, n in zip(reqs, lengths)]
+        return Batch(Phase.PREFILL, reqs, lengths, sample)
+
+    def _decode_batch(self) -> Batch | None:
+        reqs = []
+        for req in sorted((r for r in self.running if not r.in_prefill), key=lambda r: r.arrival):
+            if req in self.running and self._make_room(req, req.num_tokens):
+                reqs.append(req)
+        reqs = [r for r in reqs if r in self.running]
+        if not reqs:
+            return None
+        return Batch(Phase.DECODE, reqs, [1] * len(reqs), [True] * len(reqs))
+
+    # -- pages ------------------------------------------------------------------------------------
+    def _admit(self, req: Request) -> bool:
+        """Reuse the cached prefix and move the request to running; False if no page is free for it."""
+        if self.cache is not None and req.num_computed == 0:
+            # leave at least one token to compute: its logits (or its decode step) are needed
+            usable = (req.prefill_target - (1 if req.sample_in_prefill else 0)) // self.pool.page_size
+            pages = self.cache.match_prefix(req.token_ids[: usable * self.pool.page_size])
+            self.pool.ref(pages)
+            req.pages = pages
+            req.num_computed = len(pages) * self.pool.page_size
+        if not req.admitted_once:
+            req.cached_tokens = req.num_computed
+            req.admitted_once = True
+        first = req.num_computed + 1 if req.in_prefill else req.num_tokens
+        if not self._ensure_pages(req, first):
+            self.pool.release(req.pages)
+            req.pages, req.num_computed = [], 0
+            return False
+        req.status = Status.RUNNING
+        self.running.append(req)
+        return True
+
+    def _grow(self, req: Request, n: int) -> int:
+        """Make room for the next n tokens of req; under pressure, as many as its pages already hold."""
+        if self._make_room(req, req.num_computed + n):
+            return n
+        return len(req.pages) * self.pool.page_size - req.num_computed
+
+    def _make_room(self, req: Request, num_tokens: int) -> bool:
+        """Pages for num_tokens of req, preempting newer requests if needed (the oldest always progresses)."""
+        while not self._ensure_pages(req, num_tokens):
+            newer = [r for r in self.running if r.arrival > req.arrival]
+            if not newer:
+                return False
+            self._preempt(max(newer, key=lambda r: r.arrival))
+        return True
+
+    def _ensure_pages(self, req: Request, num_tokens: int) -> bool:
+        need = self.pool.pages_for(num_tokens) - len(req.pages)
+        if need <= 0:
+            return True
+        if self.pool.num_free < need and self.cache is not None:
+            self.cache.evict(need - self.pool.num_free)
+        pages = self.pool.alloc(need)
+        if pages is None:
+            return False
+        req.pages.extend(pages)
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self._release(req, cache_it=True)
+        req.reset_for_recompute()
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    def _release(self, req: Request, cache_it: bool) -> None:
+        """Give back the request's pages; its full, computed pages go to the radix cache first."""
+        if cache_it and self.cache is not None:
+            full = min(req.num_computed, req.num_tokens) // self.pool.page_size
+            if full:
+                self.cache.insert(req.token_ids[: full * self.pool.page_size], req.pages[:full])
+        self.pool.release(req.pages)
+        req.pages = []
+
+    # -- bookkeeping after a forward --------------------------------------------------------------
+    def commit(self, batch: Batch) -> None:
+        for req, n in zip(batch.reqs, batch.lengths):
+            req.num_computed += n

@@ -1,0 +1,23 @@
+"""Gated activation of the MLP: act(gate) * up over a merged [.., 2*I] projection."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixquant_serve.config import ConfigError
+
+_ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class GatedAct(nn.Module):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        if name not in _ACTS:
+            raise ConfigError(f"unsupported hidden_act {name!r}; supported: {sorted(_ACTS)}")
+        self.act = _ACTS[name]
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act(gate) * up

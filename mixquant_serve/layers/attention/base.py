@@ -1,0 +1,64 @@
+"""The attention-backend interface, its registry, and the Attention layer that models use.
+
+A backend plans a batch once (`plan`), then for each layer writes the new tokens' K/V into the paged
+KV storage and attends over each sequence's whole context (`forward`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from mixquant_serve.kvcache.storage import KVStorage
+from mixquant_serve.layers.forward_context import get_forward_context
+
+
+class SeqSlice(NamedTuple):
+    """One sequence's part of a forward batch: `length` new tokens at positions start..start+length-1."""
+
+    pages: Sequence[int]  # page table, covering at least start + length positions
+    start: int
+    length: int
+
+
+class AttentionBackend(ABC):
+    def __init__(self, storage: KVStorage, num_heads: int, num_kv_heads: int, head_dim: int,
+                 device: torch.device) -> None:
+        self.storage = storage
+        self.page_size = storage.layout.page_size
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim**-0.5
+        self.device = device
+
+    @abstractmethod
+    def plan(self, seqs: Sequence[SeqSlice]) -> Any:
+        """Per-batch metadata (slot mapping, context layout); built once, used by every layer."""
+
+    @abstractmethod
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hkv, D] of the new tokens -> attention output [T, H*D]."""
+
+
+_REGISTRY = {"torch_ref": "mixquant_serve.layers.attention.torch_ref:TorchRefBackend"}
+
+
+def create_attention_backend(name: str, *args: Any, **kwargs: Any) -> AttentionBackend:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_REGISTRY)}")
+    module, cls = _REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)(*args, **kwargs)
+
+
+class Attention(nn.Module):
+    def __init__(self, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ctx = get_forward_context()
+        return ctx.attn_backend.forward(self.layer_id, q, k, v, ctx.attn_meta)

@@ -1,0 +1,88 @@
+"""Linear layers with column-/row-parallel shapes (tensor parallelism of size 1 for now).
+
+Each layer holds one quantization method and parameter module per precision in use; `forward` applies
+the one the forward context names. The bias (if any) is shared across precisions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mixquant_serve.layers.forward_context import get_forward_context
+from mixquant_serve.quant.methods import QuantMethod, Shard, create_quant_method
+
+
+class LinearBase(nn.Module):
+    def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool, precisions: Sequence[str],
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.output_sizes = list(output_sizes)
+        self.output_size = sum(self.output_sizes)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.bias = (nn.Parameter(torch.zeros(self.output_size, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+        self.methods: dict[str, QuantMethod] = {p: create_quant_method(p) for p in precisions}
+        self.impls = nn.ModuleDict({p: m.create_weights(self) for p, m in self.methods.items()})
+
+    def shard(self, shard_id: int | None) -> Shard | None:
+        if shard_id is None:
+            return None
+        offset = sum(self.output_sizes[:shard_id])
+        return Shard(shard_id, offset, self.output_sizes[shard_id])
+
+    def load(self, suffix: str, tensor: torch.Tensor, shard_id: int | None = None) -> None:
+        """Route one checkpoint tensor of this layer to the bias or to every precision's method."""
+        shard = self.shard(shard_id)
+        if suffix == "bias":
+            dst = self.bias if shard is None else self.bias[shard.offset : shard.offset + shard.size]
+            dst.copy_(tensor)
+            return
+        taken = [m.load(self.impls[p], self, suffix, tensor, shard) for p, m in self.methods.items()]
+        if not any(taken):
+            raise ValueError(f"no precision of this layer ({list(self.methods)}) takes tensor {suffix!r}")
+
+    def process_after_loading(self) -> None:
+        for p, m in self.methods.items():
+            m.process_after_loading(self.impls[p], self)
+
+    def weight_bytes(self) -> dict[str, int]:
+        return {p: m.weight_bytes(self.impls[p]) for p, m in self.methods.items()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = get_forward_context().precision
+        return self.methods[p].apply(self.impls[p], x, self.bias)
+
+
+class ColumnLinear(LinearBase):
+    """Output features split across ranks (one shard today)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool, precisions: Sequence[str],
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__(input_size, [output_size], bias, precisions, dtype, device)
+
+
+class MergedColumnLinear(LinearBase):
+    """Several column projections of the same input in one GEMM (gate_up)."""
+
+
+class QKVLinear(LinearBase):
+    """q, k and v projections in one GEMM; checkpoint shards "q", "k", "v"."""
+
+    SHARDS = {"q": 0, "k": 1, "v": 2}
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
+                 precisions: Sequence[str], dtype: torch.dtype, device: torch.device | str) -> None:
+        sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+        super().__init__(hidden, sizes, bias, precisions, dtype, device)
+
+
+class RowLinear(LinearBase):
+    """Input features split across ranks (o_proj, down_proj); would all-reduce under tensor parallelism."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool, precisions: Sequence[str],
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__(input_size, [output_size], bias, precisions, dtype, device)

@@ -1,0 +1,94 @@
+"""The quantization-method interface: how a linear layer holds, loads and applies its weights in one precision.
+
+A linear layer holds one method (and one parameter module) per precision the engine runs; the forward
+context says which precision the current phase uses. Model files therefore contain no precision branches.
+Methods are registered by name and imported lazily by `create_quant_method`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from mixquant_serve.layers.linear import LinearBase
+
+
+class Shard(NamedTuple):
+    """Where a checkpoint tensor goes in a merged layer: output rows [offset, offset + size)."""
+
+    index: int
+    offset: int
+    size: int
+
+
+class QuantMethod(ABC):
+    precision: str
+
+    @abstractmethod
+    def create_weights(self, layer: LinearBase) -> nn.Module:
+        """A module holding this precision's parameters for `layer` (shapes from layer's sizes)."""
+
+    @abstractmethod
+    def load(self, impl: nn.Module, layer: LinearBase, suffix: str, tensor: torch.Tensor,
+             shard: Shard | None) -> bool:
+        """Take one checkpoint tensor (`suffix` e.g. "weight", "weight_scale"); False if not ours."""
+
+    def process_after_loading(self, impl: nn.Module, layer: LinearBase) -> None:
+        """Finish the weights once every tensor is loaded (e.g. quantize a staged BF16 weight)."""
+
+    @abstractmethod
+    def apply(self, impl: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """y = x @ W^T (+ bias) for x of shape [T, in_features]."""
+
+    def weight_bytes(self, impl: nn.Module) -> int:
+        tensors = list(impl.parameters()) + list(impl.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class Unquantized(QuantMethod):
+    """BF16 (or the model dtype): the weight as stored."""
+
+    precision = "bf16"
+
+    def create_weights(self, layer: LinearBase) -> nn.Module:
+        impl = nn.Module()
+        impl.weight = nn.Parameter(
+            torch.empty(layer.output_size, layer.input_size, dtype=layer.dtype, device=layer.device),
+            requires_grad=False,
+        )
+        return impl
+
+    def load(self, impl: nn.Module, layer: LinearBase, suffix: str, tensor: torch.Tensor,
+             shard: Shard | None) -> bool:
+        if suffix != "weight":
+            return False
+        dst = impl.weight if shard is None else impl.weight[shard.offset : shard.offset + shard.size]
+        if tuple(dst.shape) != tuple(tensor.shape):
+            raise ValueError(f"weight shape {tuple(tensor.shape)} does not fit {tuple(dst.shape)}")
+        dst.copy_(tensor)
+        return True
+
+    def apply(self, impl: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.nn.functional.linear(x, impl.weight, bias)
+
+
+_REGISTRY: dict[str, str] = {
+    "bf16": "mixquant_serve.quant.methods:Unquantized",
+}
+
+
+def register_quant_method(precision: str, target: str) -> None:
+    """target is "module:Class"; the module is imported only when the precision is used."""
+    _REGISTRY[precision] = target
+
+
+def create_quant_method(precision: str) -> QuantMethod:
+    if precision not in _REGISTRY:
+        raise ValueError(f"unknown precision {precision!r}; known: {sorted(_REGISTRY)}")
+    module, cls = _REGISTRY[precision].split(":")
+    return getattr(importlib.import_module(module), cls)()
