@@ -75,8 +75,10 @@ def resolve_config(config: EngineConfig) -> tuple[EngineConfig, ModelConfig]:
 
 
 class Engine:
-    def __init__(self, model_path: str | None = None, **kwargs) -> None:
-        self.config, self.model_config = resolve_config(EngineConfig(model_path=model_path or "", **kwargs))
+    def __init__(self, model_path: str | None = None, *, config: EngineConfig | None = None, **kwargs) -> None:
+        """Either a model path and EngineConfig fields as keywords, or a whole EngineConfig."""
+        config = config or EngineConfig(model_path=model_path or "", **kwargs)
+        self.config, self.model_config = resolve_config(config)
         cfg = self.config
         torch.manual_seed(cfg.seed)
         self.tokenizer = Tokenizer.from_path(cfg.tokenizer_path or cfg.model_path)

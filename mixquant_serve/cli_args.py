@@ -1,0 +1,71 @@
+"""argparse flags generated from the frozen config dataclasses, so that defaults live in one place.
+
+Field `max_running_requests` becomes `--max-running-requests`; booleans get `--x/--no-x`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+from mixquant_serve.config import DTYPES, PRECISIONS, EngineConfig
+
+T = TypeVar("T")
+
+_CHOICES = {"prefill_precision": PRECISIONS, "decode_precision": PRECISIONS, "dtype": DTYPES}
+_HELP = {
+    "model_path": "Hugging Face model folder (Llama, Qwen2, Qwen3); default: the embedded SmolLM2-135M-Instruct",
+    "quantized_model_path": "pre-quantized checkpoint for the prefill precision (Model Optimizer or "
+                            "compressed-tensors NVFP4); default: quantize --model-path at load time",
+    "max_total_tokens": "KV cache size in tokens (default: from --cpu-kv-cache-gb or --mem-fraction-static)",
+    "chunked_prefill_size": "token budget of one prefill step (long prompts are chunked)",
+    "context_length": "longest prompt + output (default: the model's max_position_embeddings)",
+}
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: Iterable[str] = ()) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.default is dataclasses.MISSING:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = _base_type(hints[f.name])
+        help_text = _HELP.get(f.name, "") + f" (default: {f.default})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, choices=_CHOICES.get(f.name), help=help_text)
+
+
+def _base_type(hint: Any) -> type:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def dataclass_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values.update(overrides)
+    return cls(**values)
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_args(parser, EngineConfig, skip=("extra",))
+
+
+def engine_args_to_argv(config: EngineConfig) -> list[str]:
+    """The flags that reproduce `config` on a child process's command line (non-defaults only)."""
+    argv = []
+    for f in dataclasses.fields(EngineConfig):
+        value = getattr(config, f.name)
+        if f.name == "extra" or value == f.default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, str(value)]
+    return argv

@@ -1,0 +1,178 @@
+"""`mixquant-serve launch`: start the router and the workers on this machine as child processes,
+wait until every worker is healthy, print how to call the server, and stop them all on Ctrl-C/SIGTERM.
+
+The children are the same processes Compose or Kubernetes would run one per container
+(`python -m mixquant_serve.worker`, `python -m router`); the launcher only wires their addresses.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+from mixquant_serve.cli_args import engine_args_to_argv
+from mixquant_serve.config import EngineConfig
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Children get SIGTERM if the launcher dies, so no orphan keeps a port or a GPU (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen | None = None
+
+    def start(self, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(self.argv, env=env, preexec_fn=_die_with_parent)
+
+    @property
+    def exited(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+
+@dataclass
+class ClusterSpec:
+    engine: EngineConfig
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    threads_per_worker: int = 0
+    router_args: list[str] = field(default_factory=list)
+
+
+class Cluster:
+    def __init__(self, spec: ClusterSpec) -> None:
+        self.spec = spec
+        self.url = f"http://{spec.host}:{spec.port}"
+        self.children: list[Child] = []
+
+    def _threads(self) -> int:
+        """CPU threads per worker: the cores less one for the router, shared out. Oversubscribed
+        OpenMP threads wait on each other's time slices (a 576x1728 bf16 GEMM: 0.1 ms alone, 8 ms
+        with two threads on two busy cores), so never more threads than cores."""
+        if self.spec.threads_per_worker:
+            return self.spec.threads_per_worker
+        return max(1, ((os.cpu_count() or 1) - 1) // self.spec.workers)
+
+    def plan(self) -> list[Child]:
+        spec, py = self.spec, sys.executable
+        engine_argv = engine_args_to_argv(spec.engine)
+        urls, children = [], []
+        for i in range(spec.workers):
+            port = free_port()
+            urls.append(f"tcp://127.0.0.1:{port}")
+            children.append(Child(f"worker-{i}", [py, "-m", "mixquant_serve.worker", *engine_argv,
+                                                  "--port", str(port), "--worker-id", f"worker-{i}",
+                                                  "--threads", str(self._threads())]))
+        router = [py, "-m", "router", "--model-path", spec.engine.model_path, "--worker-urls", ",".join(urls),
+                  "--host", spec.host, "--port", str(spec.port), *spec.router_args]
+        if spec.engine.served_model_name:
+            router += ["--served-model-name", spec.engine.served_model_name]
+        return [Child("router", router), *children]
+
+    def start(self) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.children = self.plan()
+        for child in self.children:
+            child.start(env)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Until the router reports every worker healthy; raises if a child exits or time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if dead := [c for c in self.children if c.exited is not None]:
+                raise RuntimeError(f"{dead[0].name} exited with code {dead[0].exited} during start-up")
+            workers = self._workers()
+            if workers is not None and len(workers) == self.spec.workers and all(w["healthy"] for w in workers):
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"the cluster was not healthy within {timeout:.0f} s")
+
+    def _workers(self) -> list[dict] | None:
+        try:
+            with urllib.request.urlopen(f"{self.url}/workers", timeout=2) as r:
+                return json.loads(r.read())
+        except (OSError, ValueError):
+            return None
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Router first (no new requests), then workers; SIGKILL whatever outlives the grace period."""
+        for child in self.children:
+            if child.exited is None:
+                child.proc.send_signal(signal.SIGTERM)
+                try:
+                    child.proc.wait(grace if child.name == "router" else 0.1)
+                except subprocess.TimeoutExpired:
+                    pass
+        deadline = time.monotonic() + grace
+        for child in self.children:
+            try:
+                child.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+
+    def serve_forever(self) -> int:
+        """Block until a signal (exit 0) or the router dying (exit 1); a dead worker is reported only."""
+        stop = {"flag": False}
+
+        def handler(signum: int, frame: object) -> None:
+            stop["flag"] = True
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+        reported: set[str] = set()
+        while not stop["flag"]:
+            for child in self.children:
+                code = child.exited
+                if code is not None and child.name not in reported:
+                    reported.add(child.name)
+                    print(f"[mixquant] {child.name} exited with code {code}", file=sys.stderr, flush=True)
+                    if child.name == "router":
+                        return 1
+            time.sleep(0.5)
+        return 0
+
+
+def banner(url: str, model: str, spec: ClusterSpec) -> str:
+    chat = f"{url}/v1/chat/completions"
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    py = (f"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='none'); "
+          f"print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', "
+          f"'content': 'What is the capital of France?'}}]).choices[0].message.content)")
+    eng = spec.engine
+    return "\n".join([
+        "",
+        f"mixquant-serve is ready at {url}/v1",
+        f"  model {model}; {spec.workers} colocated worker(s); prefill {eng.prefill_precision}, "
+        f"decode {eng.decode_precision}",
+        "",
+        "curl:",
+        f"  curl {chat} -H 'Content-Type: application/json' -d '{body}'",
+        "",
+        "openai (Python):",
+        f'  python -c "{py}"',
+        "",
+        "Press Ctrl-C to stop.",
+        "",
+    ])
