@@ -17,9 +17,18 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
     add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address the HTTP server binds to")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--mode", choices=["colocated"], default="colocated",
-                   help="colocated: each worker runs both phases")
+    p.add_argument("--mode", choices=["disaggregated", "colocated"], default="disaggregated",
+                   help="disaggregated: prefill and decode workers, KV moved between them; "
+                        "colocated: each worker runs both phases")
     p.add_argument("--workers", type=int, default=1, help="number of colocated workers")
+    p.add_argument("--prefill-workers", type=int, default=1)
+    p.add_argument("--decode-workers", type=int, default=1)
+    p.add_argument("--transfer-backend", choices=["tcp", "nccl"], default=None,
+                   help="KV transfer between workers (default: nccl with GPUs, else tcp)")
+    p.add_argument("--policy", default=None, help="router placement policy (affinity, round_robin)")
+    p.add_argument("--local-prefill-max-tokens", type=int, default=None,
+                   help="a decode worker prefills deltas shorter than this itself (router flag)")
+    p.add_argument("--api-key", default=None, help="require this bearer key on /v1/* (router flag)")
     p.add_argument("--threads-per-worker", type=int, default=0,
                    help="torch CPU threads per worker (0: the cores divided among the workers)")
     p.add_argument("--chat-template", default=None, help="Jinja chat template file overriding the model's")
@@ -40,10 +49,15 @@ def launch(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"mixquant-serve: {e}", file=sys.stderr)
         return 2
-    router_args = ["--chat-template", args.chat_template] if args.chat_template else []
-    spec = ClusterSpec(engine, args.host, args.port, args.workers, args.threads_per_worker, router_args)
+    router_args = []
+    for flag in ("chat_template", "policy", "local_prefill_max_tokens", "api_key"):
+        if (value := getattr(args, flag)) is not None:
+            router_args += ["--" + flag.replace("_", "-"), str(value)]
+    backend = args.transfer_backend or ("nccl" if engine.device == "cuda" or _has_gpu() else "tcp")
+    spec = ClusterSpec(engine, args.host, args.port, args.mode, args.workers, args.prefill_workers,
+                       args.decode_workers, backend, args.threads_per_worker, router_args)
     cluster = Cluster(spec)
-    print(f"[mixquant] starting router on {cluster.url} and {spec.workers} worker(s) of "
+    print(f"[mixquant] starting router on {cluster.url} and {spec.num_workers} {spec.mode} worker(s) of "
           f"{engine.model_path}", flush=True)
     cluster.start()
     try:
@@ -56,6 +70,12 @@ def launch(args: argparse.Namespace) -> int:
         return 1
     finally:
         cluster.stop()
+
+
+def _has_gpu() -> bool:
+    from mixquant_serve.launcher import _gpu_count
+
+    return _gpu_count() > 0
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mixquant_serve.cli_args import engine_args_to_argv
 from mixquant_serve.config import EngineConfig
@@ -40,10 +40,11 @@ def _die_with_parent() -> None:
 class Child:
     name: str
     argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
 
     def start(self, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(self.argv, env=env, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(self.argv, env={**env, **self.env}, preexec_fn=_die_with_parent)
 
     @property
     def exited(self) -> int | None:
@@ -55,9 +56,28 @@ class ClusterSpec:
     engine: EngineConfig
     host: str = "127.0.0.1"
     port: int = 8000
-    workers: int = 1
+    mode: str = "disaggregated"  # or "colocated"
+    workers: int = 1  # colocated workers
+    prefill_workers: int = 1
+    decode_workers: int = 1
+    transfer_backend: str = "tcp"
     threads_per_worker: int = 0
     router_args: list[str] = field(default_factory=list)
+
+    @property
+    def num_workers(self) -> int:
+        return self.workers if self.mode == "colocated" else self.prefill_workers + self.decode_workers
+
+
+def _gpu_count() -> int:
+    """GPUs visible to this launcher (without importing torch): CUDA_VISIBLE_DEVICES or nvidia-smi."""
+    if (visible := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
+        return len([d for d in visible.split(",") if d.strip()])
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
 class Cluster:
@@ -65,6 +85,7 @@ class Cluster:
         self.spec = spec
         self.url = f"http://{spec.host}:{spec.port}"
         self.children: list[Child] = []
+        self.gpus = _gpu_count()
 
     def _threads(self) -> int:
         """CPU threads per worker: the cores less one for the router, shared out. Oversubscribed
@@ -72,20 +93,38 @@ class Cluster:
         with two threads on two busy cores), so never more threads than cores."""
         if self.spec.threads_per_worker:
             return self.spec.threads_per_worker
-        return max(1, ((os.cpu_count() or 1) - 1) // self.spec.workers)
+        return max(1, ((os.cpu_count() or 1) - 1) // self.spec.num_workers)
+
+    def _worker(self, index: int, name: str, module: str, engine: EngineConfig, extra: list[str]) -> tuple[Child, str]:
+        port = free_port()
+        argv = [sys.executable, "-m", module, *engine_args_to_argv(engine), "--port", str(port),
+                "--worker-id", name, "--threads", str(self._threads()), *extra]
+        env = {"CUDA_VISIBLE_DEVICES": str(index % self.gpus)} if self.gpus else {}
+        return Child(name, argv, env), f"tcp://127.0.0.1:{port}"
 
     def plan(self) -> list[Child]:
-        spec, py = self.spec, sys.executable
-        engine_argv = engine_args_to_argv(spec.engine)
-        urls, children = [], []
-        for i in range(spec.workers):
-            port = free_port()
-            urls.append(f"tcp://127.0.0.1:{port}")
-            children.append(Child(f"worker-{i}", [py, "-m", "mixquant_serve.worker", *engine_argv,
-                                                  "--port", str(port), "--worker-id", f"worker-{i}",
-                                                  "--threads", str(self._threads())]))
-        router = [py, "-m", "router", "--model-path", spec.engine.model_path, "--worker-urls", ",".join(urls),
-                  "--host", spec.host, "--port", str(spec.port), *spec.router_args]
+        spec = self.spec
+        children, router = [], [sys.executable, "-m", "router", "--model-path", spec.engine.model_path,
+                                "--host", spec.host, "--port", str(spec.port), *spec.router_args]
+        if spec.mode == "colocated":
+            urls = []
+            for i in range(spec.workers):
+                child, url = self._worker(i, f"worker-{i}", "mixquant_serve.worker", spec.engine, [])
+                children.append(child), urls.append(url)
+            router += ["--worker-urls", ",".join(urls)]
+        else:
+            transfer = ["--transfer-backend", spec.transfer_backend]
+            prefill_engine = replace(spec.engine, decode_precision=spec.engine.prefill_precision)
+            decode_engine = replace(spec.engine, prefill_precision=spec.engine.decode_precision)
+            p_urls, d_urls = [], []
+            for i in range(spec.prefill_workers):
+                child, url = self._worker(i, f"prefill-{i}", "prefill_worker", prefill_engine, transfer)
+                children.append(child), p_urls.append(url)
+            for i in range(spec.decode_workers):
+                child, url = self._worker(spec.prefill_workers + i, f"decode-{i}", "decode_worker",
+                                          decode_engine, transfer)
+                children.append(child), d_urls.append(url)
+            router += ["--prefill-urls", ",".join(p_urls), "--decode-urls", ",".join(d_urls)]
         if spec.engine.served_model_name:
             router += ["--served-model-name", spec.engine.served_model_name]
         return [Child("router", router), *children]
@@ -103,7 +142,7 @@ class Cluster:
             if dead := [c for c in self.children if c.exited is not None]:
                 raise RuntimeError(f"{dead[0].name} exited with code {dead[0].exited} during start-up")
             workers = self._workers()
-            if workers is not None and len(workers) == self.spec.workers and all(w["healthy"] for w in workers):
+            if workers is not None and len(workers) == self.spec.num_workers and all(w["healthy"] for w in workers):
                 return
             time.sleep(0.5)
         raise RuntimeError(f"the cluster was not healthy within {timeout:.0f} s")
@@ -161,11 +200,12 @@ def banner(url: str, model: str, spec: ClusterSpec) -> str:
           f"print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', "
           f"'content': 'What is the capital of France?'}}]).choices[0].message.content)")
     eng = spec.engine
+    layout = (f"{spec.workers} colocated worker(s)" if spec.mode == "colocated" else
+              f"{spec.prefill_workers} prefill + {spec.decode_workers} decode workers, KV over {spec.transfer_backend}")
     return "\n".join([
         "",
         f"mixquant-serve is ready at {url}/v1",
-        f"  model {model}; {spec.workers} colocated worker(s); prefill {eng.prefill_precision}, "
-        f"decode {eng.decode_precision}",
+        f"  model {model}; {layout}; prefill {eng.prefill_precision}, decode {eng.decode_precision}",
         "",
         "curl:",
         f"  curl {chat} -H 'Content-Type: application/json' -d '{body}'",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -88,16 +88,24 @@ class Engine:
         self.scheduler = Scheduler(self.pool, self.cache, cfg.max_running_requests, cfg.chunked_prefill_size)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
+        # called after each layer of a prefill batch wrote its KV (a prefill worker pushes it out)
+        self.kv_hook: Callable[[Batch, int], None] | None = None
         self.eos_ids = frozenset(self.model_config.eos_token_ids)
         self.counters = dict.fromkeys(
             ("prompt_tokens", "cached_tokens", "computed_prefill_tokens", "generated_tokens",
-             "requests_finished", "requests_aborted", "requests_failed"), 0)
+             "requests_finished", "requests_aborted", "requests_failed", "kv_bytes_received",
+             "remote_prefill_tokens"), 0)
         log.info("engine ready: %s on %s, prefill=%s decode=%s, %d KV pages of %d tokens, weights %s",
                  self.model_config.architecture, cfg.device, cfg.prefill_precision, cfg.decode_precision,
                  self.pool.capacity, cfg.page_size, self.weight_summary())
 
     # -- streaming interface ----------------------------------------------------------------------
-    def add_request(self, rid: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+    def add_request(self, rid: str, prompt_ids: Sequence[int], params: SamplingParams, *,
+                    prefill_only: bool = False, remote_prefill: str | None = None,
+                    local_prefill_max_tokens: int | None = None) -> None:
+        """Queue a request. prefill_only: compute the KV of all prompt_ids and stop (a prefill worker).
+        remote_prefill: the prefill worker whose KV this request should wait for (a decode worker), unless
+        it lacks fewer than local_prefill_max_tokens tokens, which it then prefills itself."""
         if rid in self.requests:
             raise RequestError(f"request id {rid!r} is already in use", param="rid")
         params.validate()
@@ -106,14 +114,19 @@ class Engine:
             raise RequestError("the prompt is empty", param="prompt")
         if bad := [t for t in prompt_ids if not 0 <= t < self.model_config.vocab_size][:1]:
             raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary", param="prompt")
-        if n >= ctx or (params.max_tokens or 0) + n > ctx:
+        if n >= ctx or (not prefill_only and (params.max_tokens or 0) + n > ctx):
             raise RequestError(
                 f"this model's context length is {ctx} tokens; the prompt has {n} and max_tokens asks "
                 f"for {params.max_tokens}", code="context_length_exceeded", param="max_tokens")
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens, params.stop)
-        req = Request(rid, list(prompt_ids), params, max_new_tokens=min(params.max_tokens or ctx, ctx - n),
-                      stop_token_set=stop_ids, detok=detok, sample_in_prefill=not self.config.mixed_precision)
+        detok = None if prefill_only else IncrementalDetokenizer(self.tokenizer, prompt_ids,
+                                                                 params.skip_special_tokens, params.stop)
+        sample_in_prefill = not (self.config.mixed_precision or prefill_only or remote_prefill)
+        req = Request(rid, list(prompt_ids), params, max_new_tokens=0 if prefill_only else min(
+                          params.max_tokens or ctx, ctx - n),
+                      stop_token_set=stop_ids, detok=detok, sample_in_prefill=sample_in_prefill,
+                      prefill_only=prefill_only, remote_url=remote_prefill,
+                      local_prefill_max_tokens=local_prefill_max_tokens or 0)
         self.requests[rid] = req
         self.scheduler.add(req)
         self.counters["prompt_tokens"] += n
@@ -136,15 +149,16 @@ class Engine:
         if batch is None:
             return []
         precision = self.config.prefill_precision if batch.phase is Phase.PREFILL else self.config.decode_precision
+        hook = self.kv_hook if batch.phase is Phase.PREFILL and self.kv_hook is not None else None
         try:
-            logits = self.runner.forward(batch, precision)
+            logits = self.runner.forward(batch, precision, None if hook is None else lambda i: hook(batch, i))
             self.scheduler.commit(batch)
             if batch.phase is Phase.PREFILL:
                 self.counters["computed_prefill_tokens"] += batch.num_tokens
             return self._sample(batch, logits)
         except Exception as e:  # a bug or device fault must not take the other requests down
             log.exception("step failed; failing its %d requests", len(batch.reqs))
-            return [self._fail(req, f"internal error: {e}") for req in batch.reqs]
+            return [self._fail(req, f"internal error: {e}", "internal_error") for req in batch.reqs]
 
     def _sample(self, batch: Batch, logits: torch.Tensor | None) -> list[ReqOutput]:
         reqs = [r for r, s in zip(batch.reqs, batch.sample) if s]
@@ -178,13 +192,38 @@ class Engine:
         self.requests.pop(req.rid, None)
         self.counters["requests_finished"] += 1
 
-    def _fail(self, req: Request, message: str) -> ReqOutput:
+    def _fail(self, req: Request, message: str, code: str) -> ReqOutput:
         self.scheduler.remove(req.rid)
         self.requests.pop(req.rid, None)
         self.counters["requests_failed"] += 1
         return ReqOutput(rid=req.rid, finished=True, finish_reason="error", error=message,
-                         error_code="internal_error", prompt_tokens=req.num_prompt_tokens,
+                         error_code=code, prompt_tokens=req.num_prompt_tokens,
                          completion_tokens=len(req.output_ids))
+
+    # -- disaggregation --------------------------------------------------------------------------
+    def take_prefilled(self) -> list[Request]:
+        """Prefill-only requests whose KV is complete; they keep their pages until release_prefilled."""
+        return self.scheduler.take_prefilled()
+
+    def release_prefilled(self, rid: str) -> None:
+        if self.requests.pop(rid, None) is not None:
+            self.scheduler.release_parked(rid)
+            self.counters["requests_finished"] += 1
+
+    def take_remote_admitted(self) -> list[Request]:
+        """Requests admitted with pages allocated that now wait for a prefill worker's KV."""
+        return self.scheduler.take_remote()
+
+    def kv_ready(self, rid: str, nbytes: int) -> None:
+        req = self.requests.get(rid)
+        if req is not None:
+            self.scheduler.kv_ready(req)
+            self.counters["kv_bytes_received"] += nbytes
+            self.counters["remote_prefill_tokens"] += req.prefill_target - req.kv_start
+
+    def fail(self, rid: str, message: str, code: str) -> ReqOutput | None:
+        req = self.requests.get(rid)
+        return None if req is None else self._fail(req, message, code)
 
     # -- introspection ----------------------------------------------------------------------------
     def weight_summary(self) -> str:
@@ -211,12 +250,17 @@ class Engine:
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         results: dict[str, RequestOutput] = {}
         order = []
-        for prompt, p in zip(prompts, params):
-            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            rid = uuid.uuid4().hex
-            self.add_request(rid, ids, p)
-            results[rid] = RequestOutput(rid, ids)
-            order.append(rid)
+        try:
+            for prompt, p in zip(prompts, params):
+                ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+                rid = uuid.uuid4().hex
+                self.add_request(rid, ids, p)
+                results[rid] = RequestOutput(rid, ids)
+                order.append(rid)
+        except ValueError:  # one prompt refused: withdraw the ones queued before it
+            for rid in order:
+                self.abort(rid)
+            raise
         while any(results[r].finish_reason is None for r in order):
             if not self.has_work:
                 raise RuntimeError("engine idle with unfinished requests")

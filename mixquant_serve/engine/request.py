@@ -10,6 +10,7 @@ num_computed == num_tokens - 1 before its step.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -19,6 +20,8 @@ import torch
 from mixquant_serve.protocol.messages import TokenLogprob
 from mixquant_serve.sampling_params import SamplingParams
 from mixquant_serve.tokenizer import IncrementalDetokenizer
+
+_created = itertools.count()
 
 
 class Status(Enum):
@@ -39,6 +42,7 @@ class Request:
     # in the decode precision, so prefill stops one token short.
     sample_in_prefill: bool = True
     arrival: float = field(default_factory=time.monotonic)
+    seq: int = field(default_factory=_created.__next__)
     status: Status = Status.WAITING
     token_ids: list[int] = field(init=False)
     output_ids: list[int] = field(default_factory=list)
@@ -54,6 +58,13 @@ class Request:
     reported_tokens: int = 0
     pending_text: str = ""
     stop_string_hit: bool = False
+    # disaggregation: a prefill worker computes all of prompt_ids and stops (prefill_only); a decode
+    # worker may wait for the KV of [kv_start, prefill_target) from remote_url (awaiting_kv)
+    prefill_only: bool = False
+    remote_url: str | None = None
+    local_prefill_max_tokens: int = 0
+    awaiting_kv: bool = False
+    kv_start: int = 0
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)
@@ -70,8 +81,20 @@ class Request:
 
     @property
     def prefill_target(self) -> int:
-        """How many tokens' KV prefill computes before the request decodes."""
-        return self.num_tokens - (0 if self.sample_in_prefill else 1)
+        """How many tokens' KV prefill computes before the request decodes.
+
+        The whole prompt when prefill samples the first token; otherwise (Mix-Quant, or a recompute
+        after preemption, whose newest token was already sampled) all but the newest token, which the
+        decode step feeds. Once a token is sampled the target no longer moves with the output.
+        """
+        if self.prefill_only or (self.sample_in_prefill and not self.output_ids):
+            return self.num_tokens
+        return self.num_tokens - 1
+
+    @property
+    def age(self) -> tuple[float, int]:
+        """Scheduling order: arrival time, ties broken by creation order."""
+        return self.arrival, self.seq
 
     @property
     def in_prefill(self) -> bool:

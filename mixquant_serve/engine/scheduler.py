@@ -6,6 +6,11 @@ radix cache). Each step is one phase: a prefill batch (new and continuing chunks
 budget) or a decode batch (one token for every decoding request). When both kinds of work exist the
 phases alternate, so long prompts do not stall running streams.
 
+Disaggregation: a request whose KV a prefill worker computes (decode side, `remote_url`) gets pages
+for its whole prompt at admission and then `awaiting_kv` until the transfer ends (kv_ready); a
+prefill-only request (prefill side) is `parked` with its pages once computed, until its transfer ends.
+Neither is preempted while pages of a transfer are in flight.
+
 Pages: a request takes pages as its tokens need them. When the pool runs dry the radix cache evicts
 unreferenced pages; if that is not enough, admission waits, and decode preempts the most recently
 admitted request (its pages are released and it is recomputed later). No request is ever dropped
@@ -18,9 +23,9 @@ from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 
+from mixquant_serve.engine.request import Request, Status
 from mixquant_serve.kvcache.page_pool import PagePool
 from mixquant_serve.kvcache.radix_cache import RadixCache
-from mixquant_serve.engine.request import Request, Status
 
 
 class Phase(Enum):
@@ -50,6 +55,9 @@ class Scheduler:
         self.running: list[Request] = []
         self.last_phase: Phase | None = None
         self.num_preemptions = 0
+        self.parked: dict[str, Request] = {}
+        self._prefilled: list[Request] = []
+        self._remote: list[Request] = []
 
     # -- queue management -------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -66,12 +74,31 @@ class Scheduler:
                 self.running.remove(req)
                 self._release(req, cache_it=False)
                 return req
-        return None
+        if (req := self.parked.pop(rid, None)) is not None:
+            self._release(req, cache_it=False)
+        return req
 
     def finish(self, req: Request) -> None:
         self.running.remove(req)
         self._release(req, cache_it=True)
         req.status = Status.FINISHED
+
+    def release_parked(self, rid: str) -> None:
+        """A prefill-only request's transfer ended: its pages go to the radix cache and are released."""
+        if (req := self.parked.pop(rid, None)) is not None:
+            self._release(req, cache_it=True)
+            req.status = Status.FINISHED
+
+    def take_prefilled(self) -> list[Request]:
+        out, self._prefilled = self._prefilled, []
+        return out
+
+    def take_remote(self) -> list[Request]:
+        out, self._remote = self._remote, []
+        return out
+
+    def kv_ready(self, req: Request) -> None:
+        req.num_computed, req.awaiting_kv = req.prefill_target, False
 
     @property
     def has_work(self) -> bool:
@@ -98,7 +125,7 @@ class Scheduler:
     def _prefill_batch(self) -> Batch | None:
         budget = self.token_budget
         reqs, lengths = [], []
-        for req in sorted((r for r in self.running if r.in_prefill), key=lambda r: r.arrival):
+        for req in sorted((r for r in self.running if r.in_prefill and not r.awaiting_kv), key=lambda r: r.age):
             if budget <= 0:
                 break
             if req not in self.running:  # preempted to make room for an older request
@@ -112,22 +139,26 @@ class Scheduler:
             if not self._admit(req):
                 break
             self.waiting.popleft()
-            if not req.in_prefill:  # all but the last token came from the cache: straight to decode
+            if not req.in_prefill or req.awaiting_kv:  # all from cache, or its KV comes from elsewhere
                 continue
             n = self._grow(req, min(budget, req.prefill_target - req.num_computed))
             reqs.append(req), lengths.append(n)
             budget -= n
-        # an old request re-admitted after preemption may have preempted newer ones picked above
-        picked = [(r, n) for r, n in zip(reqs, lengths) if r in self.running and n > 0]
+        # an old request re-admitted after preemption may have preempted newer ones picked above, and a
+        # preempted one may have been re-admitted: its last entry is the one that counts
+        picked = {r: n for r, n in zip(reqs, lengths, strict=True) if r in self.running}
+        picked = {r: n for r, n in picked.items() if n > 0}
         if not picked:
             return None
-        reqs, lengths = [r for r, _ in picked], [n for _, n in picked]
-        sample = [r.sample_in_prefill and r.num_computed + n == r.prefill_target for r, n in zip(reqs, lengths)]
+        reqs, lengths = list(picked), list(picked.values())
+        # a chunk that ends at the newest token yields the logits of the next one
+        sample = [not r.prefill_only and r.num_computed + n == r.num_tokens
+                  for r, n in zip(reqs, lengths, strict=True)]
         return Batch(Phase.PREFILL, reqs, lengths, sample)
 
     def _decode_batch(self) -> Batch | None:
         reqs = []
-        for req in sorted((r for r in self.running if not r.in_prefill), key=lambda r: r.arrival):
+        for req in sorted((r for r in self.running if not r.in_prefill), key=lambda r: r.age):
             if req in self.running and self._make_room(req, req.num_tokens):
                 reqs.append(req)
         reqs = [r for r in reqs if r in self.running]
@@ -139,20 +170,25 @@ class Scheduler:
     def _admit(self, req: Request) -> bool:
         """Reuse the cached prefix and move the request to running; False if no page is free for it."""
         if self.cache is not None and req.num_computed == 0:
-            # leave at least one token to compute: its logits (or its decode step) are needed
-            usable = (req.prefill_target - (1 if req.sample_in_prefill else 0)) // self.pool.page_size
+            # leave the newest token to compute: its step yields the logits of the next one
+            usable = (req.num_tokens - 1) // self.pool.page_size
             pages = self.cache.match_prefix(req.token_ids[: usable * self.pool.page_size])
             self.pool.ref(pages)
             req.pages = pages
             req.num_computed = len(pages) * self.pool.page_size
-        if not req.admitted_once:
-            req.cached_tokens = req.num_computed
-            req.admitted_once = True
-        first = req.num_computed + 1 if req.in_prefill else req.num_tokens
+        remote = req.remote_url is not None and req.prefill_target - req.num_computed >= max(
+            1, req.local_prefill_max_tokens)
+        first = req.num_tokens if remote or not req.in_prefill else req.num_computed + 1
         if not self._ensure_pages(req, first):
             self.pool.release(req.pages)
             req.pages, req.num_computed = [], 0
             return False
+        if not req.admitted_once:
+            req.cached_tokens = req.num_computed
+            req.admitted_once = True
+        if remote:
+            req.awaiting_kv, req.kv_start = True, req.num_computed
+            self._remote.append(req)
         req.status = Status.RUNNING
         self.running.append(req)
         return True
@@ -166,10 +202,10 @@ class Scheduler:
     def _make_room(self, req: Request, num_tokens: int) -> bool:
         """Pages for num_tokens of req, preempting newer requests if needed (the oldest always progresses)."""
         while not self._ensure_pages(req, num_tokens):
-            newer = [r for r in self.running if r.arrival > req.arrival]
+            newer = [r for r in self.running if r.age > req.age and not r.awaiting_kv]
             if not newer:
                 return False
-            self._preempt(max(newer, key=lambda r: r.arrival))
+            self._preempt(max(newer, key=lambda r: r.age))
         return True
 
     def _ensure_pages(self, req: Request, num_tokens: int) -> bool:
@@ -202,5 +238,9 @@ class Scheduler:
 
     # -- bookkeeping after a forward --------------------------------------------------------------
     def commit(self, batch: Batch) -> None:
-        for req, n in zip(batch.reqs, batch.lengths):
+        for req, n in zip(batch.reqs, batch.lengths, strict=True):
             req.num_computed += n
+            if req.prefill_only and not req.in_prefill:
+                self.running.remove(req)
+                self.parked[req.rid] = req
+                self._prefilled.append(req)

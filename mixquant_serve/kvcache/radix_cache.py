@@ -29,8 +29,9 @@ class _Node:
         self.last_access = next(_tick)
 
 
-CacheListener = Callable[[str, Sequence[int]], None]
-"""Called with ("insert" | "evict", the full token prefix of the node) when the tree changes."""
+CacheListener = Callable[[str, Sequence[int], int], None]
+"""Called with ("insert" | "evict", the token prefix ending at the node, the node's page count) when
+the tree gains or loses a node's pages."""
 
 
 class RadixCache:
@@ -77,7 +78,8 @@ class RadixCache:
         """
         ps = self.page_size
         if len(tokens) != len(pages) * ps:
-            raise ValueError(f"insert needs {len(pages) * ps} tokens for {len(pages)} pages, got {len(tokens)}")
+            raise ValueError(f"insert needs {len(pages) * ps} tokens for {len(pages)} pages, "
+                             f"got {len(tokens)}")
         node, pos = self.root, 0
         while pos < len(tokens):
             first = self._first_page(tokens, pos)
@@ -98,7 +100,7 @@ class RadixCache:
         self.pool.ref(new_pages)
         self.num_pages += len(new_pages)
         if self.listener:
-            self.listener("insert", tokens)
+            self.listener("insert", tokens, len(new_pages))
         return len(new_pages)
 
     def _split(self, child: _Node, n_pages: int) -> _Node:
@@ -112,16 +114,29 @@ class RadixCache:
         return upper
 
     def _evictable(self, node: _Node) -> bool:
-        rc = self.pool.refcount
-        return node is not self.root and not node.children and all(rc[p] == 1 for p in node.pages)
+        """A leaf whose last page only the tree references: at least its unreferenced tail can go."""
+        return node is not self.root and not node.children and self.pool.refcount[node.pages[-1]] == 1
+
+    def _referenced_head(self, node: _Node) -> int:
+        """How many leading pages of node a request still references (requests hold page-aligned prefixes)."""
+        rc, keep = self.pool.refcount, len(node.pages)
+        while keep and rc[node.pages[keep - 1]] == 1:
+            keep -= 1
+        return keep
 
     def evict(self, num_pages: int) -> int:
-        """Free at least num_pages pages if possible, least recently used leaves first; returns pages freed."""
+        """Free at least num_pages pages if possible, least recently used leaves first; returns pages freed.
+
+        A leaf whose head pages a request reuses gives up only its tail (the node is split there), so a
+        request never pins cached pages that lie beyond its own prefix.
+        """
         heap = [(n.last_access, id(n), n) for n in self._nodes() if self._evictable(n)]
         heapq.heapify(heap)
         freed = 0
         while heap and freed < num_pages:
             _, _, node = heapq.heappop(heap)
+            if keep := self._referenced_head(node):
+                self._split(node, keep)  # node becomes the unreferenced tail
             freed += self._remove_leaf(node)
             parent = node.parent
             if self._evictable(parent):
@@ -130,7 +145,7 @@ class RadixCache:
 
     def _remove_leaf(self, node: _Node) -> int:
         if self.listener:
-            self.listener("evict", self._prefix_of(node))
+            self.listener("evict", self._prefix_of(node), len(node.pages))
         del node.parent.children[node.key[: self.page_size]]
         self.num_pages -= len(node.pages)
         return self.pool.release(node.pages)
@@ -155,8 +170,10 @@ class RadixCache:
 
     def reset(self) -> None:
         """Drop every cached page (pages still referenced by requests stay allocated)."""
-        for node in list(self._nodes()):
+        for node in reversed(list(self._nodes())):  # children before their parents, as evict reports them
             if node is not self.root:
+                if self.listener:
+                    self.listener("evict", self._prefix_of(node), len(node.pages))
                 self.pool.release(node.pages)
         self.root = _Node((), [], None)
         self.num_pages = 0

@@ -17,6 +17,10 @@ _from_worker = msgspec.msgpack.Decoder(FromWorker)
 _encoder = msgspec.msgpack.Encoder()
 
 
+def encode(msg: ToWorker | FromWorker) -> bytes:
+    return _encoder.encode(msg)
+
+
 class WorkerSocket:
     """The worker's end: receives from any router, answers the router that asked or all of them."""
 
@@ -72,6 +76,33 @@ class RouterSocket:
 
     async def recv(self) -> FromWorker:
         return _from_worker.decode(await self.sock.recv())
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+class PeerLink:
+    """A worker's synchronous link to another worker's control socket (decode -> prefill)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+        self.last_heard: float | None = None
+
+    def send(self, msg: ToWorker) -> None:
+        self.sock.send(_encoder.encode(msg), zmq.NOBLOCK)
+
+    def recv_all(self) -> list[FromWorker]:
+        out = []
+        while True:
+            try:
+                out.append(_from_worker.decode(self.sock.recv(zmq.NOBLOCK)))
+            except zmq.Again:
+                return out
+            except msgspec.DecodeError as e:
+                print(f"[worker] dropped an undecodable message from {self.address}: {e}", flush=True)
 
     def close(self) -> None:
         self.sock.close(0)

@@ -1,0 +1,137 @@
+"""KV transfer over ZMQ/TCP from (CPU) memory: for machines without GPUs, tests and the embedded demo.
+
+Each message is [KVChunk header, K bytes, V bytes]: the pages of one layer of one request, gathered into
+contiguous buffers on the sender and scattered into the allocated pages on the receiver.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import msgspec
+import torch
+import zmq
+
+from mixquant_serve.kvcache.storage import KVStorage
+from mixquant_serve.protocol.messages import TransferPeer
+from mixquant_serve.transfer.base import (
+    KVChunk, KVDone, KVFailed, KVReceiver, KVSender, Transfer, TransferState, stream_decoder, stream_encoder,
+)
+
+log = logging.getLogger("mixquant.transfer")
+
+
+def _as_buffer(t: torch.Tensor):
+    return t.detach().to("cpu").contiguous().view(torch.uint8).numpy()
+
+
+class TcpSender(KVSender):
+    def __init__(self, storage: KVStorage, worker_id: str, timeout_s: float) -> None:
+        super().__init__(storage, worker_id, timeout_s)
+        self.ctx = zmq.Context.instance()
+        self.sockets: dict[str, zmq.Socket] = {}
+
+    def _socket(self, address: str) -> zmq.Socket:
+        if address not in self.sockets:
+            s = self.ctx.socket(zmq.PUSH)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDHWM, 100_000)
+            s.connect(address)
+            self.sockets[address] = s
+        return self.sockets[address]
+
+    def _connect(self, t: Transfer, peer: TransferPeer) -> None:
+        self._socket(peer.address)
+        t.state = TransferState.TRANSFERRING
+
+    def _push(self, t: Transfer, frames: list) -> None:
+        try:
+            self._socket(t.peer).send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            t.end(TransferState.FAILED, f"decode peer {t.peer} is not taking data")
+
+    def send(self, rid: str, layer: int, src_pages: list[int], dst_pages: list[int]) -> None:
+        t = self.transfers.get(rid)
+        if t is None or t.done or not src_pages:
+            return
+        idx = torch.tensor(src_pages, device=self.storage.k[layer].device)
+        k, v = _as_buffer(self.storage.k[layer][idx]), _as_buffer(self.storage.v[layer][idx])
+        header = KVChunk(rid=rid, layer=layer, dst_pages=dst_pages, nbytes=k.nbytes + v.nbytes)
+        self._push(t, [stream_encoder.encode(header), k, v])
+        t.nbytes += k.nbytes + v.nbytes
+
+    def close(self, rid: str, error: str | None = None) -> None:
+        t = self.transfers.get(rid)
+        if t is None or t.done:
+            return
+        msg = KVFailed(rid=rid, error=error) if error else KVDone(rid=rid, total_bytes=t.nbytes)
+        self._push(t, [stream_encoder.encode(msg)])
+
+    def shutdown(self) -> None:
+        for s in self.sockets.values():
+            s.close(0)
+
+
+class TcpReceiver(KVReceiver):
+    name = "tcp"
+
+    def __init__(self, storage: KVStorage, worker_id: str, host: str, timeout_s: float) -> None:
+        super().__init__(storage, worker_id, host, timeout_s)
+        self._sock = zmq.Context.instance().socket(zmq.PULL)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.RCVHWM, 100_000)
+        self._sock.bind(f"tcp://{host}:*")
+        self._address = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        layout = storage.layout
+        self.page_shape = (layout.page_size, layout.num_kv_heads, layout.head_dim)
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    @property
+    def socket(self) -> zmq.Socket:
+        return self._sock
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                msg = stream_decoder.decode(frames[0].buffer)
+            except msgspec.DecodeError as e:
+                log.warning("dropped an undecodable KV stream message: %s", e)
+                continue
+            t = self.expected.get(msg.rid)
+            if t is None or t.done:
+                continue  # late data of a request that was aborted or already failed
+            if isinstance(msg, KVChunk):
+                self._apply(t, msg, frames[1:])
+            elif isinstance(msg, KVDone):
+                if msg.total_bytes == t.nbytes:
+                    t.end(TransferState.SUCCESS)
+                else:
+                    t.end(TransferState.FAILED, f"incomplete KV: {t.nbytes} of {msg.total_bytes} bytes arrived")
+            elif isinstance(msg, KVFailed):
+                t.end(TransferState.FAILED, f"prefill worker {t.peer} failed: {msg.error}")
+
+    def _apply(self, t: Transfer, chunk: KVChunk, payload: list) -> None:
+        why = self.check_chunk(t, chunk)
+        if why is None and (len(payload) != 2 or sum(len(f.buffer) for f in payload) != chunk.nbytes):
+            why = "payload size does not match its header"
+        if why is not None:
+            t.end(TransferState.FAILED, f"refused a KV chunk from {t.peer}: {why}")
+            return
+        dst = torch.tensor(chunk.dst_pages, device=self.storage.k[chunk.layer].device)
+        for cache, frame in zip((self.storage.k[chunk.layer], self.storage.v[chunk.layer]), payload):
+            with warnings.catch_warnings():  # the frame is read-only; it is copied into the cache at once
+                warnings.simplefilter("ignore", UserWarning)
+                raw = torch.frombuffer(frame.buffer, dtype=torch.uint8)
+            cache[dst] = raw.view(cache.dtype).view(len(chunk.dst_pages), *self.page_shape).to(cache.device)
+        t.nbytes += chunk.nbytes
+
+    def shutdown(self) -> None:
+        self._sock.close(0)

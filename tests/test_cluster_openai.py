@@ -1,0 +1,98 @@
+"""The official openai client against a cluster started by `mixquant-serve launch` (real subprocesses)."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from cluster import get_json, launched, wait_idle_no_leaks
+
+MODEL = "SmolLM2-135M-Instruct"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def server(smollm_path):
+    with launched("--mode", "colocated", "--context-length", "1024", "--max-total-tokens", "8192", "--max-running-requests", "16") as url:
+        yield url
+
+
+@pytest.fixture
+def client(server):
+    yield openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+    wait_idle_no_leaks(server)  # after every test: nothing running, no KV page leaked
+
+
+def test_chat_non_streaming(client):
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=32)
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop"
+    u = r.usage
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens and u.completion_tokens > 0
+
+
+def test_chat_streaming_equals_non_streaming_and_reuses_prefix(client):
+    whole = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=32)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=32,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage.completion_tokens == whole.usage.completion_tokens
+    # the same prompt again: its full pages come from the prefix cache
+    assert usage.prompt_tokens_details.cached_tokens >= 16
+
+
+def test_completions_both_ways(client):
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 8
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0, stream=True,
+        extra_body={"ignore_eos": True}))
+    assert streamed == r.choices[0].text
+
+
+def test_models_and_metrics(server, client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    text = httpx.get(f"{server}/metrics").text
+    assert "mixquant_router_requests_total" in text
+
+
+@pytest.mark.parametrize("call, status, code", [
+    (lambda c: c.chat.completions.create(model="nope", messages=QUESTION), 404, "model_not_found"),
+    (lambda c: c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi " * 2000}]),
+     400, "context_length_exceeded"),
+    (lambda c: c.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=0), 400, None),
+    (lambda c: c.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=10**6), 400,
+     "context_length_exceeded"),
+    (lambda c: c.chat.completions.create(model=MODEL, messages=QUESTION, n=1000), 400, None),
+    (lambda c: c.chat.completions.create(model=MODEL, messages=QUESTION, temperature="hot"), 422, None),
+])
+def test_invalid_requests_get_openai_errors(server, client, call, status, code):
+    with pytest.raises(openai.APIStatusError) as e:
+        call(client)
+    assert e.value.status_code == status
+    err = e.value.response.json()["error"]
+    assert set(err) >= {"message", "type", "param", "code"} and err["message"]
+    if code:
+        assert err["code"] == code
+    assert get_json(f"{server}/health")["status"] == "ok"
+
+
+def test_malformed_json(server, client):
+    r = httpx.post(f"{server}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "message" in r.json()["error"]
+
+
+def test_disconnect_mid_stream_frees_pages(server, client):
+    stream = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=400, stream=True,
+                                            extra_body={"ignore_eos": True})
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    # the client fixture's teardown asserts the worker is idle with every page back
