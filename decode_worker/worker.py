@@ -48,6 +48,9 @@ class DecodeWorker(Worker):
     def _sockets(self) -> list[zmq.Socket]:
         return [self.sock.sock, self.receiver.socket]
 
+    def _idle_poll_ms(self) -> int:
+        return 1 if self.receiver.expected else super()._idle_poll_ms()
+
     def _request_options(self, msg: GenerateReq) -> dict:
         return {"remote_prefill": msg.prefill_url, "local_prefill_max_tokens": msg.local_prefill_max_tokens}
 

@@ -110,7 +110,7 @@ class Worker:
                 if self.engine.has_work:
                     self._send(self.engine.step())
                 else:
-                    poller.poll(int(self.heartbeat_s * 1000))
+                    poller.poll(self._idle_poll_ms())
                 self._send(self._after_step())
                 self._heartbeat()
         finally:
@@ -118,6 +118,10 @@ class Worker:
 
     def _sockets(self) -> list[zmq.Socket]:
         return [self.sock.sock]
+
+    def _idle_poll_ms(self) -> int:
+        """How long an idle loop may block on its sockets (transfers that finish as GPU events need polls)."""
+        return int(self.heartbeat_s * 1000)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True
