@@ -25,7 +25,11 @@ import zmq
 from mixquant_serve.engine.engine import Engine
 from mixquant_serve.protocol.channels import PeerLink
 from mixquant_serve.protocol.messages import (
-    AbortPrefill, GenerateReq, KVAck, PrefillReq, ReqOutput,
+    AbortPrefill,
+    GenerateReq,
+    KVAck,
+    PrefillReq,
+    ReqOutput,
 )
 from mixquant_serve.transfer.base import TransferState, create_receiver
 from mixquant_serve.worker.loop import Worker

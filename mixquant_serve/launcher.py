@@ -7,6 +7,7 @@ The children are the same processes Compose or Kubernetes would run one per cont
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -30,10 +31,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def _die_with_parent() -> None:
     """Children get SIGTERM if the launcher dies, so no orphan keeps a port or a GPU (Linux)."""
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 @dataclass
@@ -159,10 +158,8 @@ class Cluster:
         for child in self.children:
             if child.exited is None:
                 child.proc.send_signal(signal.SIGTERM)
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     child.proc.wait(grace if child.name == "router" else 0.1)
-                except subprocess.TimeoutExpired:
-                    pass
         deadline = time.monotonic() + grace
         for child in self.children:
             try:

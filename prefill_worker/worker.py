@@ -92,7 +92,7 @@ class PrefillWorker(Worker):
 
     # -- pushing KV as it is computed ------------------------------------------------------------
     def _layer_done(self, batch: Batch, layer: int) -> None:
-        for req, n in zip(batch.reqs, batch.lengths):
+        for req, n in zip(batch.reqs, batch.lengths, strict=True):
             job = self.jobs.get(req.rid)
             if job is None:
                 continue

@@ -32,8 +32,8 @@ def get_json(url: str, timeout: float = 5.0):
 def launched(*args: str, timeout: float = 300.0) -> Iterator[str]:
     """`mixquant-serve launch ARGS` on a free port; yields the base URL, stops it with SIGTERM."""
     port = free_port()
-    log = open(ROOT / ".pytest_cache" / f"cluster-{port}.log", "w") if (ROOT / ".pytest_cache").is_dir() \
-        else subprocess.DEVNULL
+    log_path = ROOT / ".pytest_cache" / f"cluster-{port}.log"
+    log = open(log_path, "w") if log_path.parent.is_dir() else subprocess.DEVNULL  # noqa: SIM115 (closed below)
     proc = subprocess.Popen([sys.executable, "-m", "mixquant_serve.cli", "launch", "--port", str(port), *args],
                             stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     url = f"http://127.0.0.1:{port}"
@@ -59,6 +59,8 @@ def launched(*args: str, timeout: float = 300.0) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if log is not subprocess.DEVNULL:
+            log.close()
 
 
 def wait_idle_no_leaks(url: str, timeout: float = 15.0) -> list[dict]:

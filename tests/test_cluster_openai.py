@@ -13,7 +13,9 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def server(smollm_path):
-    with launched("--mode", "colocated", "--context-length", "1024", "--max-total-tokens", "8192", "--max-running-requests", "16") as url:
+    args = ["--mode", "colocated", "--context-length", "1024", "--max-total-tokens", "8192",
+            "--max-running-requests", "16"]
+    with launched(*args) as url:
         yield url
 
 

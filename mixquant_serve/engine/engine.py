@@ -161,12 +161,12 @@ class Engine:
             return [self._fail(req, f"internal error: {e}", "internal_error") for req in batch.reqs]
 
     def _sample(self, batch: Batch, logits: torch.Tensor | None) -> list[ReqOutput]:
-        reqs = [r for r, s in zip(batch.reqs, batch.sample) if s]
+        reqs = [r for r, s in zip(batch.reqs, batch.sample, strict=True) if s]
         if not reqs:
             return []
         result = self.sampler(logits, reqs)
         outputs = []
-        for req, token, lp in zip(reqs, result.token_ids, result.logprobs):
+        for req, token, lp in zip(reqs, result.token_ids, result.logprobs, strict=True):
             first = len(req.output_ids)
             req.append(token, lp)
             self.counters["generated_tokens"] += 1
@@ -251,7 +251,7 @@ class Engine:
         results: dict[str, RequestOutput] = {}
         order = []
         try:
-            for prompt, p in zip(prompts, params):
+            for prompt, p in zip(prompts, params, strict=True):
                 ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
                 rid = uuid.uuid4().hex
                 self.add_request(rid, ids, p)

@@ -59,7 +59,7 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[int] = []
         seqs = []
-        for req, n in zip(batch.reqs, batch.lengths):
+        for req, n in zip(batch.reqs, batch.lengths, strict=True):
             start = req.num_computed
             ids.extend(req.token_ids[start : start + n])
             positions.extend(range(start, start + n))

@@ -203,10 +203,7 @@ def _choose(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """[B] long: argmax for greedy rows, a filtered random draw for the others."""
     n = len(rows)
     sampled = [i for i, r in enumerate(rows) if not is_greedy(r.params)]
-    if len(sampled) < n:
-        tokens = logits.argmax(dim=-1)
-    else:
-        tokens = torch.empty(n, dtype=torch.long, device=logits.device)
+    tokens = logits.argmax(dim=-1) if len(sampled) < n else torch.empty(n, dtype=torch.long, device=logits.device)
     if sampled:
         index = _select(sampled, n, logits.device)
         tokens[index] = _sample(logits[index], [rows[i] for i in sampled])

@@ -16,7 +16,15 @@ import zmq
 from mixquant_serve.kvcache.storage import KVStorage
 from mixquant_serve.protocol.messages import TransferPeer
 from mixquant_serve.transfer.base import (
-    KVChunk, KVDone, KVFailed, KVReceiver, KVSender, Transfer, TransferState, stream_decoder, stream_encoder,
+    KVChunk,
+    KVDone,
+    KVFailed,
+    KVReceiver,
+    KVSender,
+    Transfer,
+    TransferState,
+    stream_decoder,
+    stream_encoder,
 )
 
 log = logging.getLogger("mixquant.transfer")
@@ -126,7 +134,7 @@ class TcpReceiver(KVReceiver):
             t.end(TransferState.FAILED, f"refused a KV chunk from {t.peer}: {why}")
             return
         dst = torch.tensor(chunk.dst_pages, device=self.storage.k[chunk.layer].device)
-        for cache, frame in zip((self.storage.k[chunk.layer], self.storage.v[chunk.layer]), payload):
+        for cache, frame in zip((self.storage.k[chunk.layer], self.storage.v[chunk.layer]), payload, strict=True):
             with warnings.catch_warnings():  # the frame is read-only; it is copied into the cache at once
                 warnings.simplefilter("ignore", UserWarning)
                 raw = torch.frombuffer(frame.buffer, dtype=torch.uint8)

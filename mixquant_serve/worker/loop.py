@@ -30,7 +30,15 @@ from mixquant_serve.engine.engine import Engine, RequestError
 from mixquant_serve.protocol.block_hash import chain_hashes
 from mixquant_serve.protocol.channels import WorkerSocket, encode
 from mixquant_serve.protocol.messages import (
-    AbortReq, CacheEvents, GenerateReq, Hello, Register, ReqOutput, ReqOutputs, WorkerInfo, WorkerStats,
+    AbortReq,
+    CacheEvents,
+    GenerateReq,
+    Hello,
+    Register,
+    ReqOutput,
+    ReqOutputs,
+    WorkerInfo,
+    WorkerStats,
 )
 from mixquant_serve.sampling_params import InvalidSamplingParams
 

@@ -41,11 +41,12 @@ class TorchRefBackend(AttentionBackend):
     def plan(self, seqs: Sequence[SeqSlice]) -> TorchRefMeta:
         dev = self.device
         tables = [torch.tensor(list(s.pages), dtype=torch.long) for s in seqs]
-        slots = torch.cat([self._slots(t, torch.arange(s.start, s.start + s.length)) for t, s in zip(tables, seqs)])
+        slots = torch.cat([self._slots(t, torch.arange(s.start, s.start + s.length))
+                           for t, s in zip(tables, seqs, strict=True)])
         if all(s.length == 1 for s in seqs):
             return self._plan_decode(seqs, tables, slots.to(dev))
         prefill, row = [], 0
-        for t, s in zip(tables, seqs):
+        for t, s in zip(tables, seqs, strict=True):
             ctx = s.start + s.length
             ctx_slots = self._slots(t, torch.arange(ctx)).to(dev)
             mask = None
