@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from mixquant_serve.config import KVLayout
 from mixquant_serve.engine.engine import Engine, RequestError
+from mixquant_serve.engine.request import Status
 from mixquant_serve.engine.scheduler import Batch
 from mixquant_serve.protocol.messages import AbortPrefill, KVAck, PrefillReq, ReqOutput
 from mixquant_serve.sampling_params import SamplingParams
@@ -149,19 +150,19 @@ class PrefillWorker(Worker):
         return s
 
     def gauges(self) -> dict[str, float]:
-        states = {"bootstrapping": 0, "waiting": 0, "computing": 0, "transferring": 0}
+        states = dict.fromkeys(("bootstrapping", "waiting", "computing", "transferring"), 0)
         for rid, job in self.jobs.items():
-            t = self.sender.transfers.get(rid)
-            req = self.engine.requests.get(rid)
-            if t is not None and t.state is TransferState.BOOTSTRAPPING:
-                states["bootstrapping"] += 1
-            elif job.computed:
-                states["transferring"] += 1
-            elif req is not None and req.num_computed > job.start or (req and req.status.value == "running"):
-                states["computing"] += 1
-            else:
-                states["waiting"] += 1
+            states[self._state(rid, job)] += 1
         return {f"queue_{k}": float(v) for k, v in states.items()}
+
+    def _state(self, rid: str, job: _Job) -> str:
+        t = self.sender.transfers.get(rid)
+        if t is not None and t.state is TransferState.BOOTSTRAPPING:
+            return "bootstrapping"
+        if job.computed:
+            return "transferring"
+        req = self.engine.requests.get(rid)
+        return "computing" if req is not None and req.status is Status.RUNNING else "waiting"
 
     def _shutdown(self) -> None:
         for rid in list(self.jobs):
