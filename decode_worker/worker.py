@@ -30,6 +30,7 @@ from mixquant_serve.protocol.messages import (
     KVAck,
     PrefillReq,
     ReqOutput,
+    WorkerStats,
 )
 from mixquant_serve.transfer.base import TransferState, create_receiver
 from mixquant_serve.worker.loop import Worker
@@ -47,13 +48,15 @@ class DecodeWorker(Worker):
         self.peer = self.receiver.peer_info(self.info().kv_layout)
         self.links: dict[str, PeerLink] = {}
         self.source: dict[str, str] = {}  # rid -> prefill worker url, while its KV is on the way
+        self.peer_instance: dict[str, str] = {}  # prefill worker url -> its process instance
         self.transfer_counters = dict.fromkeys(("kv_transfers_ok", "kv_transfers_failed", "kv_transfer_seconds"), 0.0)
 
     def _sockets(self) -> list[zmq.Socket]:
         return [self.sock.sock, self.receiver.socket]
 
     def _idle_poll_ms(self) -> int:
-        return 1 if self.receiver.expected else super()._idle_poll_ms()
+        busy = self.receiver.needs_polling and self.receiver.expected
+        return 1 if busy else super()._idle_poll_ms()
 
     def _request_options(self, msg: GenerateReq) -> dict:
         return {"remote_prefill": msg.prefill_url, "local_prefill_max_tokens": msg.local_prefill_max_tokens}
@@ -66,9 +69,21 @@ class DecodeWorker(Worker):
     def _after_step(self) -> list[ReqOutput]:
         for req in self.engine.take_remote_admitted():
             self._ask_prefill(req)
-        for link in self.links.values():
-            link.recv_all()  # prefill workers' heartbeats to us; nothing to act on
+        for url, link in self.links.items():
+            self._heard_from(url, link.recv_all())
         return [out for t in self.receiver.poll() if (out := self._transfer_ended(t)) is not None]
+
+    def _heard_from(self, url: str, messages: list) -> None:
+        """Prefill workers' heartbeats keep their transfers alive; a restarted one lost them."""
+        for msg in messages:
+            if not isinstance(msg, WorkerStats):
+                continue
+            known = self.peer_instance.setdefault(url, msg.instance_id)
+            if known != msg.instance_id:
+                self.peer_instance[url] = msg.instance_id
+                self.receiver.fail_from(url, f"prefill worker {url} restarted")
+            else:
+                self.receiver.touch(url)
 
     def _ask_prefill(self, req) -> None:
         ps = self.engine.config.page_size

@@ -1,4 +1,4 @@
-"""The `mixquant-serve` command: `launch` a local cluster (more subcommands come with their features)."""
+"""The `mixquant-serve` command: `launch` a local cluster, `quantize` a checkpoint to NVFP4."""
 
 from __future__ import annotations
 
@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mixquant-serve")
     sub = parser.add_subparsers(dest="command", required=True)
     _launch_parser(sub)
+    from mixquant_serve.quant.quantize_cli import add_parser as add_quantize_parser
+
+    add_quantize_parser(sub)
     args = parser.parse_args(argv)
     sys.exit(args.func(args))
 

@@ -141,7 +141,7 @@ class EngineConfig:
     device: str = "auto"
     seed: int = 0
     # precision of each phase (Mix-Quant: quantized prefill, precise decode)
-    prefill_precision: str = "bf16"
+    prefill_precision: str = "nvfp4"
     decode_precision: str = "bf16"
     quantized_model_path: str | None = None
     # KV cache

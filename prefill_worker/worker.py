@@ -59,7 +59,8 @@ class PrefillWorker(Worker):
             ("kv_bytes_sent", "kv_transfers_ok", "kv_transfers_failed", "kv_transfer_seconds"), 0.0)
 
     def _idle_poll_ms(self) -> int:
-        return 1 if self.sender.transfers else super()._idle_poll_ms()
+        busy = self.sender.needs_polling and self.sender.transfers
+        return 1 if busy else super()._idle_poll_ms()
 
     # -- control messages from decode workers ---------------------------------------------------
     def _on_message(self, peer: bytes, msg: object) -> None:

@@ -25,7 +25,8 @@ class ModelRunner:
                  dtype: torch.dtype) -> None:
         self.config, self.model_config = config, model_config
         self.device, self.dtype = device, dtype
-        self.model = build_model(model_config, config.precisions, dtype, device)
+        self.model = build_model(model_config, config.precisions, dtype, device,
+                                 quantized_path=config.quantized_model_path)
         self.weight_bytes = weight_bytes(self.model)
         self.layout = KVLayout(model_config.num_layers, model_config.num_kv_heads, model_config.head_dim,
                                config.page_size, dtype_name(dtype))

@@ -1,4 +1,4 @@
-"""The quantization-method interface: how a linear layer holds, loads and applies its weights in one precision.
+"""The quantization-method interface: how a linear layer holds, loads and applies weights in one precision.
 
 A linear layer holds one method (and one parameter module) per precision the engine runs; the forward
 context says which precision the current phase uses. Model files therefore contain no precision branches.
@@ -38,16 +38,30 @@ class QuantMethod(ABC):
              shard: Shard | None) -> bool:
         """Take one checkpoint tensor (`suffix` e.g. "weight", "weight_scale"); False if not ours."""
 
+    def unsupported(self, layer: LinearBase) -> str | None:
+        """Why this method cannot hold `layer` (e.g. a shape the format cannot take), or None."""
+        return None
+
+    def missing(self, impl: nn.Module, layer: LinearBase) -> list[str]:
+        """Tensors still to load, e.g. ["weight_scale[1]"]; the loader checks this for quantized layers."""
+        return []
+
     def process_after_loading(self, impl: nn.Module, layer: LinearBase) -> None:
         """Finish the weights once every tensor is loaded (e.g. quantize a staged BF16 weight)."""
+        return None
 
     @abstractmethod
     def apply(self, impl: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """y = x @ W^T (+ bias) for x of shape [T, in_features]."""
 
     def weight_bytes(self, impl: nn.Module) -> int:
+        """Bytes of the weights in their stored format (packed data and scales for a quantized method)."""
         tensors = list(impl.parameters()) + list(impl.buffers())
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def cache_bytes(self, impl: nn.Module) -> int:
+        """Bytes of run-time copies kept beside the weights (e.g. dequantized weights of an emulated GEMM)."""
+        return 0
 
 
 class Unquantized(QuantMethod):
@@ -79,6 +93,8 @@ class Unquantized(QuantMethod):
 
 _REGISTRY: dict[str, str] = {
     "bf16": "mixquant_serve.quant.methods:Unquantized",
+    "nvfp4": "mixquant_serve.quant.nvfp4_method:NVFP4Method",
+    "fp8": "mixquant_serve.quant.fp8_method:FP8Method",
 }
 
 

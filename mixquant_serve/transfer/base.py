@@ -6,6 +6,11 @@ Per transfer (one request), both ends keep a poll state:
     SUCCESS        every byte arrived (receiver) / the receiver acknowledged it (sender)
     FAILED         an error or a timeout; the caller frees the request's pages and fails the request
 
+Timeouts measure silence, not total time: the sender waits at most `timeout_s` for the receiver's
+acknowledgement once it has sent the end marker (computing may take longer under load); the receiver
+fails a transfer after `timeout_s` without a chunk arriving or a heartbeat from the prefill worker
+(the decode worker reports those through `touch`).
+
 Protocol on the transfer stream (prefill -> decode, ordered): KVChunk (one layer's pages for one request;
 the bytes follow as frames, or over NCCL), then KVDone (total bytes) or KVFailed. The decode worker
 acknowledges with KVAck on the prefill worker's control socket. Page indices are checked on the
@@ -92,8 +97,11 @@ class KVSender(ABC):
         self.timeout_s = timeout_s
         self.transfers: dict[str, Transfer] = {}
 
+    # transfers whose completion only shows as a device event need frequent polls (no socket wakes us)
+    needs_polling = False
+
     def open(self, rid: str, peer: TransferPeer) -> Transfer:
-        t = Transfer(rid, peer.address, time.monotonic() + self.timeout_s)
+        t = Transfer(rid, peer.address, float("inf"))  # no deadline while this worker computes
         self.transfers[rid] = t
         self._connect(t, peer)
         return t
@@ -106,9 +114,16 @@ class KVSender(ABC):
     def send(self, rid: str, layer: int, src_pages: list[int], dst_pages: list[int]) -> None:
         """Queue one layer's pages; returns before they are delivered."""
 
-    @abstractmethod
     def close(self, rid: str, error: str | None = None) -> None:
-        """No more pages for rid: tell the receiver it is complete (or failed)."""
+        """No more pages for rid: tell the receiver it is complete (or failed); the ack is due in timeout_s."""
+        t = self.transfers.get(rid)
+        if t is not None and not t.done:
+            t.deadline = time.monotonic() + self.timeout_s
+            self._close(t, error)
+
+    @abstractmethod
+    def _close(self, t: Transfer, error: str | None) -> None:
+        """Send the end marker (KVDone, or KVFailed with the error) after everything queued for t."""
 
     def acknowledge(self, rid: str, ok: bool, error: str | None) -> Transfer | None:
         """The receiver's KVAck arrived (through the worker's control socket)."""
@@ -162,9 +177,22 @@ class KVReceiver(ABC):
         return TransferPeer(worker_id=self.worker_id, backend=self.name, address=self.address, kv_layout=kv_layout)
 
     name = "base"
+    needs_polling = False
 
     def expect(self, rid: str, pages: list[int], source: str) -> None:
         self.expected[rid] = Transfer(rid, source, time.monotonic() + self.timeout_s, pages=frozenset(pages))
+
+    def touch(self, source: str) -> None:
+        """The prefill worker `source` is alive: its transfers get another timeout_s."""
+        deadline = time.monotonic() + self.timeout_s
+        for t in self.expected.values():
+            if t.peer == source and not t.done:
+                t.deadline = max(t.deadline, deadline)
+
+    def fail_from(self, source: str, error: str) -> None:
+        for t in self.expected.values():
+            if t.peer == source and not t.done:
+                t.end(TransferState.FAILED, error)
 
     def cancel(self, rid: str) -> None:
         self.expected.pop(rid, None)
@@ -179,7 +207,8 @@ class KVReceiver(ABC):
         now, ended = time.monotonic(), []
         for rid, t in list(self.expected.items()):
             if not t.done and now > t.deadline:
-                t.end(TransferState.FAILED, f"KV transfer from {t.peer} timed out after {self.timeout_s:.0f} s")
+                t.end(TransferState.FAILED, f"KV transfer from {t.peer} timed out: nothing heard for "
+                                            f"{self.timeout_s:.0f} s")
             if t.done:
                 ended.append(self.expected.pop(rid))
         return ended

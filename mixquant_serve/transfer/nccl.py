@@ -260,6 +260,7 @@ class _Pages:
 
 
 class NcclSender(KVSender):
+    needs_polling = True
     """Prefill side (rank 0 of each link)."""
 
     def __init__(self, storage: KVStorage, worker_id: str, timeout_s: float) -> None:
@@ -326,10 +327,8 @@ class NcclSender(KVSender):
         written.record(torch.cuda.current_stream(self.device))
         self._submit(self.link_of[rid], ("chunk", t, layer, list(src_pages), list(dst_pages), written))
 
-    def close(self, rid: str, error: str | None = None) -> None:
-        t = self.transfers.get(rid)
-        if t is not None and not t.done:
-            self._submit(self.link_of[rid], ("close", t, error))
+    def _close(self, t: Transfer, error: str | None) -> None:
+        self._submit(self.link_of[t.rid], ("close", t, error))
 
     def _submit(self, link: _Link, item: tuple) -> None:
         if not link.dead:
@@ -427,6 +426,7 @@ class _Inbound:
 
 
 class NcclReceiver(KVReceiver):
+    needs_polling = True
     """Decode side (rank 1 of each link)."""
 
     name = "nccl"

@@ -7,6 +7,7 @@ contiguous buffers on the sender and scattered into the allocated pages on the r
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 
 import msgspec
@@ -69,11 +70,8 @@ class TcpSender(KVSender):
         self._push(t, [stream_encoder.encode(header), k, v])
         t.nbytes += k.nbytes + v.nbytes
 
-    def close(self, rid: str, error: str | None = None) -> None:
-        t = self.transfers.get(rid)
-        if t is None or t.done:
-            return
-        msg = KVFailed(rid=rid, error=error) if error else KVDone(rid=rid, total_bytes=t.nbytes)
+    def _close(self, t: Transfer, error: str | None) -> None:
+        msg = KVFailed(rid=t.rid, error=error) if error else KVDone(rid=t.rid, total_bytes=t.nbytes)
         self._push(t, [stream_encoder.encode(msg)])
 
     def shutdown(self) -> None:
@@ -140,6 +138,7 @@ class TcpReceiver(KVReceiver):
                 raw = torch.frombuffer(frame.buffer, dtype=torch.uint8)
             cache[dst] = raw.view(cache.dtype).view(len(chunk.dst_pages), *self.page_shape).to(cache.device)
         t.nbytes += chunk.nbytes
+        t.deadline = time.monotonic() + self.timeout_s  # progress
 
     def shutdown(self) -> None:
         self._sock.close(0)

@@ -29,7 +29,7 @@ class LogitSpy:
         engine.sampler = self
 
     def __call__(self, logits, reqs):
-        for row, req in zip(logits, reqs):
+        for row, req in zip(logits, reqs, strict=True):
             self.rows.setdefault(req.rid, []).append(row.detach().clone())
         return self.inner(logits, reqs)
 
@@ -49,7 +49,7 @@ def run_engine(engine: Engine, prompts_ids: list[list[int]]):
 
 
 def compare(engine: Engine, hf_model, tok_ids: list[list[int]], atol: float, exact: bool) -> None:
-    for ids, (tokens, rows) in zip(tok_ids, run_engine(engine, tok_ids)):
+    for ids, (tokens, rows) in zip(tok_ids, run_engine(engine, tok_ids), strict=True):
         hf_tokens, hf_rows = hf_greedy(hf_model, ids, STEPS)
         n = len(hf_tokens)
         for step in range(n):
@@ -70,7 +70,8 @@ def smollm_f32(smollm_path):
 
 
 def test_smollm_float32_exact(smollm_path, smollm_f32):
-    engine = Engine(smollm_path, dtype="float32", max_total_tokens=4096, context_length=2048)
+    engine = Engine(smollm_path, dtype="float32", prefill_precision="bf16", max_total_tokens=4096,
+                    context_length=2048)
     ids = [engine.tokenizer.encode(p) for p in PROMPTS]
     compare(engine, smollm_f32, ids, atol=2e-3, exact=True)
     assert engine.pool.num_free + (engine.cache.num_pages if engine.cache else 0) == engine.pool.capacity
@@ -86,9 +87,9 @@ def teacher_forced(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
 def test_smollm_bf16_within_tolerance(smollm_path, smollm_f32):
     """In bf16 the engine is as close to the float32 truth as HF's own bf16 is; greedy flips only at ties."""
     hf16 = AutoModelForCausalLM.from_pretrained(smollm_path, dtype=torch.bfloat16).eval()
-    engine = Engine(smollm_path, max_total_tokens=4096, context_length=2048)
+    engine = Engine(smollm_path, prefill_precision="bf16", max_total_tokens=4096, context_length=2048)
     ids = [engine.tokenizer.encode(p) for p in PROMPTS]
-    for prompt, (tokens, rows) in zip(ids, run_engine(engine, ids)):
+    for prompt, (tokens, rows) in zip(ids, run_engine(engine, ids), strict=True):
         ours = torch.stack(rows).cpu()
         truth = teacher_forced(smollm_f32, prompt, tokens)
         theirs = teacher_forced(hf16, prompt, tokens)
@@ -96,12 +97,13 @@ def test_smollm_bf16_within_tolerance(smollm_path, smollm_f32):
         assert ours_err.mean() <= 1.5 * hf_err.mean() + 0.01, (ours_err.mean(), hf_err.mean())
         assert ours_err.max() <= 1.5 * hf_err.max() + 0.1, (ours_err.max(), hf_err.max())
         hf_tokens, hf_rows = hf_greedy(hf16, prompt, STEPS)
-        diverged = next((i for i, (a, b) in enumerate(zip(tokens, hf_tokens)) if a != b), None)
+        diverged = next((i for i, (a, b) in enumerate(zip(tokens, hf_tokens, strict=False)) if a != b), None)
         if diverged is not None:  # both picks must be within bf16 noise of each other in the float32 truth
             a, b = tokens[diverged], hf_tokens[diverged]
             margin = (truth[diverged, a] - truth[diverged, b]).abs().item()
             noise = hf_err[diverged].max().item()
-            assert margin < noise, f"greedy flip at step {diverged}: f32 margin {margin:.3f} >= noise {noise:.3f}"
+            assert margin < noise, (f"greedy flip at step {diverged}: f32 margin {margin:.3f} >= "
+                                    f"noise {noise:.3f}")
 
 
 def _random_checkpoint(tmp_path, config) -> str:
@@ -125,6 +127,7 @@ def test_random_qwen_float32_exact(arch, tmp_path, smollm_path):
            else Qwen2Config(rope_theta=1e6, **SMALL))
     path = _random_checkpoint(tmp_path, cfg)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    engine = Engine(path, tokenizer_path=smollm_path, dtype="float32", max_total_tokens=4096, context_length=2048)
+    engine = Engine(path, tokenizer_path=smollm_path, dtype="float32", prefill_precision="bf16",
+                    max_total_tokens=4096, context_length=2048)
     ids = [engine.tokenizer.encode(p) for p in PROMPTS]
     compare(engine, hf, ids, atol=1e-3, exact=True)
