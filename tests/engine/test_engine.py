@@ -19,7 +19,10 @@ CHAT_EOS = [{"role": "user", "content": "What is 2+2? Answer with one number."}]
 
 
 def make_engine(path: str, **kw) -> Engine:
-    opts = dict(dtype="float32", context_length=256, max_total_tokens=2048) | kw
+    """BF16 weights in both phases: these tests are about scheduling, and NVFP4's dynamic activation
+    scales (from each batch's amax) would make outputs depend on batch composition."""
+    opts = dict(dtype="float32", context_length=256, max_total_tokens=2048, prefill_precision="bf16",
+                decode_precision="bf16") | kw
     return Engine(path, **opts)
 
 

@@ -1,0 +1,117 @@
+"""From an OpenAI request to the SamplingParams of each choice, with every check that earns a 400."""
+
+from __future__ import annotations
+
+import msgspec
+
+from mixquant_serve.sampling_params import MAX_TOP_LOGPROBS, InvalidSamplingParams, SamplingParams
+from router.errors import APIError
+from router.openai_api import ChatCompletionRequest, CompletionRequest, SamplingRequest
+
+MAX_N = 16
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def check_common(req: SamplingRequest) -> None:
+    if not 1 <= req.n <= MAX_N:
+        raise bad(f"n must be in [1, {MAX_N}] (got {req.n})", "n")
+    if req.logit_bias:
+        raise bad("logit_bias is not supported", "logit_bias")
+    if req.stream_options is not None and not req.stream:
+        raise bad("stream_options is only allowed when stream is true", "stream_options")
+
+
+def check_chat(req: ChatCompletionRequest) -> None:
+    check_common(req)
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise bad(f"response_format {req.response_format.get('type')!r} is not supported yet: it needs "
+                  "constrained decoding, which the engine does not have yet; only 'text' is served",
+                  "response_format", "not_supported")
+    if req.top_logprobs is not None:
+        if not req.logprobs:
+            raise bad("top_logprobs requires logprobs to be true", "top_logprobs")
+        if not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise bad(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", "top_logprobs")
+
+
+def check_completion(req: CompletionRequest) -> None:
+    check_common(req)
+    if req.suffix:
+        raise bad("suffix is not supported", "suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise bad("best_of other than n is not supported", "best_of")
+    if req.echo and req.logprobs is not None:
+        raise bad("echo together with logprobs is not supported (no prompt logprobs)", "echo")
+
+
+def chat_logprobs(req: ChatCompletionRequest) -> int | None:
+    return (req.top_logprobs or 0) if req.logprobs else None
+
+
+def base_params(req: SamplingRequest, max_tokens: int | None, logprobs: int | None,
+                extra_stop: tuple[str, ...] = ()) -> SamplingParams:
+    """Parameters before the prompt is known: max_tokens may still be None ("up to the context")."""
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    stop += tuple(s for s in extra_stop if s not in stop)
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=-1 if req.top_k is None else req.top_k,
+        min_p=0.0 if req.min_p is None else req.min_p,
+        frequency_penalty=req.frequency_penalty,
+        presence_penalty=req.presence_penalty,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        seed=req.seed,
+        stop=stop,
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        skip_special_tokens=req.skip_special_tokens,
+    )
+    try:
+        params.validate()
+    except InvalidSamplingParams as e:
+        raise bad(str(e), _param_name(req, e.param)) from None
+    return params
+
+
+def _param_name(req: SamplingRequest, field: str) -> str:
+    if field == "max_tokens" and getattr(req, "max_completion_tokens", None) is not None:
+        return "max_completion_tokens"
+    return field
+
+
+def fit_context(params: SamplingParams, prompt_len: int, context_length: int, prompt_param: str
+                ) -> SamplingParams:
+    """Check the prompt against the context length and fill in the default max_tokens."""
+    if prompt_len >= context_length:
+        raise bad(f"This model's maximum context length is {context_length} tokens, and the prompt has "
+                  f"{prompt_len} tokens; no room is left to generate.", prompt_param,
+                  "context_length_exceeded")
+    room = context_length - prompt_len
+    if params.max_tokens is None:
+        if params.min_tokens > room:
+            raise bad(f"min_tokens ({params.min_tokens}) does not fit in the {room} tokens left after the "
+                      f"prompt", "min_tokens", "context_length_exceeded")
+        return _with(params, max_tokens=room)
+    if params.max_tokens > room:
+        raise bad(f"This model's maximum context length is {context_length} tokens. However, you requested "
+                  f"{prompt_len + params.max_tokens} tokens ({prompt_len} in the prompt, {params.max_tokens} "
+                  f"for the completion).", "max_tokens", "context_length_exceeded")
+    return params
+
+
+def _with(params: SamplingParams, **changes: object) -> SamplingParams:
+    return msgspec.structs.replace(params, **changes)
+
+
+def per_choice(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """n copies; with a seed, choice i gets seed + i so that the choices differ yet repeat."""
+    if params.seed is None:
+        return [params] * n
+    return [_with(params, seed=params.seed + i) for i in range(n)]
