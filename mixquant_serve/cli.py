@@ -25,6 +25,8 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode-workers", type=int, default=1)
     p.add_argument("--transfer-backend", choices=["tcp", "nccl"], default=None,
                    help="KV transfer between workers (default: nccl with GPUs, else tcp)")
+    p.add_argument("--transfer-timeout", type=float, default=None,
+                   help="seconds of silence after which a KV transfer fails (worker flag)")
     p.add_argument("--policy", default=None, help="router placement policy (affinity, round_robin)")
     p.add_argument("--local-prefill-max-tokens", type=int, default=None,
                    help="a decode worker prefills deltas shorter than this itself (router flag)")
@@ -55,7 +57,8 @@ def launch(args: argparse.Namespace) -> int:
             router_args += ["--" + flag.replace("_", "-"), str(value)]
     backend = args.transfer_backend or ("nccl" if engine.device == "cuda" or _has_gpu() else "tcp")
     spec = ClusterSpec(engine, args.host, args.port, args.mode, args.workers, args.prefill_workers,
-                       args.decode_workers, backend, args.threads_per_worker, router_args)
+                       args.decode_workers, backend, args.threads_per_worker, router_args,
+                       transfer_timeout=args.transfer_timeout)
     cluster = Cluster(spec)
     print(f"[mixquant] starting router on {cluster.url} and {spec.num_workers} {spec.mode} worker(s) of "
           f"{engine.model_path}", flush=True)

@@ -62,6 +62,7 @@ class ClusterSpec:
     transfer_backend: str = "tcp"
     threads_per_worker: int = 0
     router_args: list[str] = field(default_factory=list)
+    transfer_timeout: float | None = None
 
     @property
     def num_workers(self) -> int:
@@ -113,6 +114,8 @@ class Cluster:
             router += ["--worker-urls", ",".join(urls)]
         else:
             transfer = ["--transfer-backend", spec.transfer_backend]
+            if spec.transfer_timeout is not None:
+                transfer += ["--transfer-timeout", str(spec.transfer_timeout)]
             prefill_engine = replace(spec.engine, decode_precision=spec.engine.prefill_precision)
             decode_engine = replace(spec.engine, prefill_precision=spec.engine.decode_precision)
             p_urls, d_urls = [], []

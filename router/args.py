@@ -12,8 +12,11 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 REASONING_PARSERS = ("auto", "qwen3", "none")
 
 # Tokens a turn may add beyond what its decode worker holds and still be prefilled there (BF16) instead of
-# on a prefill worker. benchmarks/agent_sessions.py sweeps this value; the default follows its measurement.
-DEFAULT_LOCAL_PREFILL_MAX_TOKENS = 256
+# on a prefill worker. benchmarks/agent_sessions.py sweeps this value (RESULTS.md, "Agent sessions"): on CPU
+# a local prefill beat the round trip at every delta measured up to ~500 tokens, and N=1024 gave the lowest
+# turn-2+ TTFT with both NVFP4 and BF16 prefill workers. Longer deltas (big tool outputs, retrieved
+# documents) still go to the prefill workers. A GPU run of the sweep may move it.
+DEFAULT_LOCAL_PREFILL_MAX_TOKENS = 1024
 
 
 @dataclass(frozen=True)

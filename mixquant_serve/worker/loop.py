@@ -62,6 +62,7 @@ class Worker:
         self.stopping = False
         self._next_beat = 0.0
         self.cached: set[int] = set()
+        self.snapshot_sent: set[bytes] = set()
         self._inserted: list[int] = []
         self._evicted: list[int] = []
         if engine.cache is not None:
@@ -142,7 +143,9 @@ class Worker:
                 self._abort(msg.rid)
             elif isinstance(msg, Hello):
                 self.sock.send(peer, self.info())
-                self.sock.send(peer, self._cache_events(snapshot=True))
+                if peer not in self.snapshot_sent:  # later changes reach it with the heartbeats
+                    self.snapshot_sent.add(peer)
+                    self.sock.send(peer, self._cache_events(snapshot=True))
                 if self.registrar:
                     self.registrar.heard()
             else:
