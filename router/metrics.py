@@ -44,10 +44,14 @@ class WorkerCollector(Collector):
         routed = CounterMetricFamily(PREFIX + "worker_requests", "GenerateReqs the router sent to a worker "
                                      "(as=serving) or that named it as prefill worker (as=prefill)",
                                      labels=[*labels, "as"])
+        info = GaugeMetricFamily("mixquant_worker_info", "1 per worker, labelled with the precision each phase "
+                                 "runs in", labels=[*labels, "prefill_precision", "decode_precision"])
         families: dict[str, GaugeMetricFamily] = {}
         for link in self.pool.links:
             label_values = [link.worker_id, link.url, link.role]
             healthy.add_metric(label_values, 1.0 if link.healthy else 0.0)
+            if link.info is not None:
+                info.add_metric([*label_values, link.info.prefill_precision, link.info.decode_precision], 1.0)
             routed.add_metric([*label_values, "serving"], float(link.routed))
             routed.add_metric([*label_values, "prefill"], float(link.prefills_assigned))
             if link.stats is None:
@@ -60,6 +64,7 @@ class WorkerCollector(Collector):
                     fam = families[name] = GaugeMetricFamily(f"mixquant_worker_{name}", doc, labels=labels)
                 fam.add_metric(label_values, value)
         yield healthy
+        yield info
         yield routed
         yield from families.values()
 

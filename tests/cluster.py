@@ -81,14 +81,14 @@ class WorkerProc:
     """One worker process (`python -m prefill_worker|decode_worker|mixquant_serve.worker`) driven over ZMQ
     by the test itself, which plays the router: Hello, GenerateReq, AbortReq; it keeps the latest stats."""
 
-    def __init__(self, module: str, *args: str, name: str) -> None:
+    def __init__(self, module: str, *args: str, name: str, env: dict[str, str] | None = None) -> None:
         from mixquant_serve.protocol.channels import PeerLink
 
         self.port = free_port()
         self.url = f"tcp://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, "-m", module, *args, "--port", str(self.port),
                                       "--worker-id", name, "--threads", "1"],
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                                     env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
         self.link = PeerLink(self.url)
         self.info = None
         self.stats = None

@@ -62,6 +62,8 @@ def test_models_and_metrics(server, client):
     assert [m.id for m in models.data] == [MODEL]
     text = httpx.get(f"{server}/metrics").text
     assert "mixquant_router_requests_total" in text
+    # which precision each phase runs (the default: Mix-Quant, NVFP4 prefill and BF16 decode)
+    assert 'prefill_precision="nvfp4"' in text and 'decode_precision="bf16"' in text
 
 
 @pytest.mark.parametrize("call, status, code", [
