@@ -5,6 +5,8 @@ It is a msgspec Struct so that it crosses sockets as msgpack without conversion;
 
 from __future__ import annotations
 
+import json
+
 import msgspec
 
 MAX_TOP_LOGPROBS = 20
@@ -32,6 +34,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # structured output: every sampled token keeps the text a prefix of a document matching this JSON
+    # Schema (text); '{"type": "object"}' is OpenAI's json_object mode
+    json_schema: str | None = None
 
     @property
     def greedy(self) -> bool:
@@ -55,9 +60,18 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
              f"must be in [0, {MAX_TOP_LOGPROBS}]"),
         ]
+        if self.json_schema is not None:
+            checks.append(("json_schema", _is_json_object(self.json_schema), "must be a JSON Schema object"))
         for field, ok, why in checks:
             if not ok:
                 raise InvalidSamplingParams(field, f"{field} {why} (got {getattr(self, field)!r})")
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
 
 
 class InvalidSamplingParams(ValueError):

@@ -239,6 +239,10 @@ class Tokenizer:
         self._byte_fallback = "ByteFallback" in decoders
         self._bytes_cache: dict[int, bytes] = {}
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text (added tokens of tokenizer_config.json included)."""
+        return self._tok.to_str()
+
     @classmethod
     def from_path(cls, path: str, chat_template: str | None = None) -> Tokenizer:
         folder = Path(path)

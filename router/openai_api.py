@@ -1,7 +1,7 @@
 """Request schemas of the OpenAI API (pydantic v2), with the vLLM sampling extras.
 
 Unknown fields are ignored, as OpenAI clients send fields that do not concern a server (store, metadata, ...).
-Fields declared here but not served yet (response_format json_object) are refused in `params.py` with a 400.
+`params.py` turns these schemas into SamplingParams and refuses what cannot be served with a 400.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None  # only {"type": "text"} until constrained decoding exists
+    response_format: dict[str, Any] | None = None  # text, json_object or json_schema (constrained decoding)
     # vLLM / SGLang template controls
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None

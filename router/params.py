@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import msgspec
 
 from mixquant_serve.sampling_params import MAX_TOP_LOGPROBS, InvalidSamplingParams, SamplingParams
@@ -26,10 +28,7 @@ def check_common(req: SamplingRequest) -> None:
 
 def check_chat(req: ChatCompletionRequest) -> None:
     check_common(req)
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise bad(f"response_format {req.response_format.get('type')!r} is not supported yet: it needs "
-                  "constrained decoding, which the engine does not have yet; only 'text' is served",
-                  "response_format", "not_supported")
+    response_schema(req)
     if req.top_logprobs is not None:
         if not req.logprobs:
             raise bad("top_logprobs requires logprobs to be true", "top_logprobs")
@@ -45,6 +44,23 @@ def check_completion(req: CompletionRequest) -> None:
         raise bad("best_of other than n is not supported", "best_of")
     if req.echo and req.logprobs is not None:
         raise bad("echo together with logprobs is not supported (no prompt logprobs)", "echo")
+
+
+def response_schema(req: SamplingRequest) -> str | None:
+    """The JSON Schema (text) a `response_format` asks the output to follow; None for plain text."""
+    fmt = getattr(req, "response_format", None) or {}
+    kind = fmt.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return '{"type": "object"}'
+    if kind == "json_schema":
+        schema = (fmt.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise bad("response_format.json_schema.schema must be a JSON Schema object", "response_format")
+        return json.dumps(schema)
+    raise bad(f"response_format type {kind!r} is not supported; use text, json_object or json_schema",
+              "response_format")
 
 
 def chat_logprobs(req: ChatCompletionRequest) -> int | None:
@@ -72,6 +88,7 @@ def base_params(req: SamplingRequest, max_tokens: int | None, logprobs: int | No
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens,
+        json_schema=response_schema(req),
     )
     try:
         params.validate()

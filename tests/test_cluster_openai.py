@@ -100,3 +100,26 @@ def test_disconnect_mid_stream_frees_pages(server, client):
             break
     stream.close()
     # the client fixture's teardown asserts the worker is idle with every page back
+
+
+def test_structured_output_follows_the_schema(client):
+    import json
+
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=64,
+                                       response_format={"type": "json_object"})
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+              "required": ["city", "population"], "additionalProperties": False}
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0.7, seed=3, max_tokens=64,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "answer", "schema": schema}})
+    doc = json.loads(r.choices[0].message.content)
+    assert set(doc) == {"city", "population"} and isinstance(doc["population"], int)
+
+
+def test_an_invalid_schema_is_a_400(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "x", "schema": {"type": 5}}})
+    assert e.value.response.json()["error"]["param"] == "response_format"

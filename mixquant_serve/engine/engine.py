@@ -21,6 +21,7 @@ from mixquant_serve.config import ConfigError, EngineConfig, ModelConfig
 from mixquant_serve.engine.model_runner import ModelRunner
 from mixquant_serve.engine.request import Request
 from mixquant_serve.engine.scheduler import Batch, Phase, Scheduler
+from mixquant_serve.engine.structured import GrammarError, Grammars
 from mixquant_serve.kvcache.page_pool import PagePool
 from mixquant_serve.kvcache.radix_cache import RadixCache
 from mixquant_serve.layers.sampler import Sampler
@@ -87,6 +88,7 @@ class Engine:
         self.cache = RadixCache(self.pool) if cfg.enable_prefix_caching else None
         self.scheduler = Scheduler(self.pool, self.cache, cfg.max_running_requests, cfg.chunked_prefill_size)
         self.sampler = Sampler()
+        self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids)
         self.requests: dict[str, Request] = {}
         # called after each layer of a prefill batch wrote its KV (a prefill worker pushes it out)
         self.kv_hook: Callable[[Batch, int], None] | None = None
@@ -127,6 +129,11 @@ class Engine:
                       stop_token_set=stop_ids, detok=detok, sample_in_prefill=sample_in_prefill,
                       prefill_only=prefill_only, remote_url=remote_prefill,
                       local_prefill_max_tokens=local_prefill_max_tokens or 0)
+        if params.json_schema is not None and not prefill_only:
+            try:
+                req.matcher = self.grammars.matcher(params.json_schema)
+            except GrammarError as e:
+                raise RequestError(str(e), param="response_format") from None
         self.requests[rid] = req
         self.scheduler.add(req)
         self.counters["prompt_tokens"] += n
@@ -164,6 +171,8 @@ class Engine:
         reqs = [r for r, s in zip(batch.reqs, batch.sample, strict=True) if s]
         if not reqs:
             return []
+        if constrained := [(i, r.matcher) for i, r in enumerate(reqs) if r.matcher is not None]:
+            self.grammars.apply(logits, constrained)
         result = self.sampler(logits, reqs)
         outputs = []
         for req, token, lp in zip(reqs, result.token_ids, result.logprobs, strict=True):

@@ -65,6 +65,7 @@ class Request:
     local_prefill_max_tokens: int = 0
     awaiting_kv: bool = False
     kv_start: int = 0
+    matcher: object | None = None  # structured output: the grammar state (engine.structured)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)
@@ -108,6 +109,8 @@ class Request:
         self.token_ids.append(token)
         self.output_ids.append(token)
         self.logprobs.append(logprob)
+        if self.matcher is not None:
+            self.matcher.consume_token(token)
         if self.detok is not None:
             text, stopped = self.detok.add([token])
             self.pending_text += text
@@ -119,6 +122,8 @@ class Request:
 
     def _stop_reason(self, token: int) -> str | None:
         if token in self.stop_token_set and len(self.output_ids) > self.params.min_tokens:
+            return "stop"
+        if self.matcher is not None and self.matcher.is_stopped():  # the document is complete
             return "stop"
         if len(self.output_ids) >= self.max_new_tokens:
             return "length"

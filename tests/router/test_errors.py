@@ -99,7 +99,8 @@ def test_context_length_exceeded(api) -> None:
     ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "always"}, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}],
       "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "grammar"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
     ({"logit_bias": {"5": 1.0}}, "logit_bias"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
 ])
