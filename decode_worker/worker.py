@@ -59,7 +59,8 @@ class DecodeWorker(Worker):
         return 1 if busy else super()._idle_poll_ms()
 
     def _request_options(self, msg: GenerateReq) -> dict:
-        return {"remote_prefill": msg.prefill_url, "local_prefill_max_tokens": msg.local_prefill_max_tokens}
+        return {"remote_prefill": msg.prefill_url, "local_prefill_max_tokens": msg.local_prefill_max_tokens,
+                "prefix_reuse": msg.decode_prefix_reuse}
 
     def _link(self, url: str) -> PeerLink:
         if url not in self.links:

@@ -72,6 +72,7 @@ class Generation:
         self.target = target
         self.link = target.worker
         self.prefill = target.prefill
+        self.decode_prefix_reuse = target.decode_prefix_reuse
         self.timer = timer
         self.session_id = session_id
         self.local_prefill_max_tokens = local_prefill_max_tokens if self.link.role == "decode" else None
@@ -95,7 +96,8 @@ class Generation:
         for rid, st in self.states.items():
             req = GenerateReq(rid=rid, input_ids=st.spec.input_ids, params=st.spec.params,
                               session_id=self.session_id, prefill_url=prefill_url,
-                              local_prefill_max_tokens=self.local_prefill_max_tokens)
+                              local_prefill_max_tokens=self.local_prefill_max_tokens,
+                              decode_prefix_reuse=self.decode_prefix_reuse or prefill_url is None)
             if self.prefill is not None:
                 self.prefill.prefilling.add(rid)
                 self.prefill.prefills_assigned += 1

@@ -8,7 +8,8 @@ A policy is a class in POLICIES, built by name with `create_policy`:
   than `overload_threshold` requests waiting on it while another worker of its role waits less); the new
   worker simply prefills what it lacks. Bindings expire after `session_ttl` idle seconds.
 - `round_robin`: the Mix-Quant reference proxy's baseline: prefill and decode workers chosen
-  independently, in turn, per request; no affinity.
+  independently, in turn, per request; no affinity; each prefill worker reuses its own prefix cache, and
+  the whole prompt's KV is transferred to the decode worker every turn.
 - `least_loaded`: per request, the least loaded of each role; no affinity.
 Load, least first: requests on the worker (running + waiting as reported, or what the router has handed it
 if more), queued prompt tokens, then the most free KV pages.
@@ -55,6 +56,7 @@ class Target:
     prefill: WorkerLink | None = None  # the decode worker's prefill worker (None: it prefills everything)
     decisions: list[tuple[str, str]] = field(default_factory=list)  # (role, kind) of each choice made
     moves: list[tuple[str, str]] = field(default_factory=list)  # (role, reason) of each binding moved
+    decode_prefix_reuse: bool = True  # False: the decode worker takes the whole prompt's KV every turn
 
 
 class Pool(Protocol):
@@ -121,7 +123,7 @@ class RoundRobin(PlacementPolicy):
 
     def choose(self, pool: Pool, req: PlacementRequest, prompt: PromptHashes) -> Target:
         worker = self._next(serving_workers(pool), "serving")
-        target = Target(worker, decisions=[(worker.role, "round_robin")])
+        target = Target(worker, decisions=[(worker.role, "round_robin")], decode_prefix_reuse=False)
         prefills = pool.eligible(("prefill",)) if worker.role == "decode" else []
         if prefills:
             target.prefill = self._next(prefills, "prefill")

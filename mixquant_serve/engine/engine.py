@@ -104,7 +104,7 @@ class Engine:
     # -- streaming interface ----------------------------------------------------------------------
     def add_request(self, rid: str, prompt_ids: Sequence[int], params: SamplingParams, *,
                     prefill_only: bool = False, remote_prefill: str | None = None,
-                    local_prefill_max_tokens: int | None = None) -> None:
+                    local_prefill_max_tokens: int | None = None, prefix_reuse: bool = True) -> None:
         """Queue a request. prefill_only: compute the KV of all prompt_ids and stop (a prefill worker).
         remote_prefill: the prefill worker whose KV this request should wait for (a decode worker), unless
         it lacks fewer than local_prefill_max_tokens tokens, which it then prefills itself."""
@@ -128,7 +128,7 @@ class Engine:
                           params.max_tokens or ctx, ctx - n),
                       stop_token_set=stop_ids, detok=detok, sample_in_prefill=sample_in_prefill,
                       prefill_only=prefill_only, remote_url=remote_prefill,
-                      local_prefill_max_tokens=local_prefill_max_tokens or 0)
+                      local_prefill_max_tokens=local_prefill_max_tokens or 0, prefix_reuse=prefix_reuse)
         if params.json_schema is not None and not prefill_only:
             try:
                 req.matcher = self.grammars.matcher(params.json_schema)

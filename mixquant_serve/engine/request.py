@@ -65,6 +65,7 @@ class Request:
     local_prefill_max_tokens: int = 0
     awaiting_kv: bool = False
     kv_start: int = 0
+    prefix_reuse: bool = True  # False: ignore the radix cache at admission (compute or receive everything)
     matcher: object | None = None  # structured output: the grammar state (engine.structured)
 
     def __post_init__(self) -> None:

@@ -169,7 +169,7 @@ class Scheduler:
     # -- pages ------------------------------------------------------------------------------------
     def _admit(self, req: Request) -> bool:
         """Reuse the cached prefix and move the request to running; False if no page is free for it."""
-        if self.cache is not None and req.num_computed == 0:
+        if self.cache is not None and req.num_computed == 0 and req.prefix_reuse:
             # leave the newest token to compute: its step yields the logits of the next one
             usable = (req.num_tokens - 1) // self.pool.page_size
             pages = self.cache.match_prefix(req.token_ids[: usable * self.pool.page_size])

@@ -30,6 +30,9 @@ class GenerateReq(msgspec.Struct, tag=True, kw_only=True):
     # lacks) below which it prefills locally in its own precision instead (None: always remote)
     prefill_url: str | None = None
     local_prefill_max_tokens: int | None = None
+    # False: the decode worker ignores its own prefix cache and takes the whole prompt's KV from the prefill
+    # worker (what the Mix-Quant reference proxy does; the round-robin baseline of the benchmarks)
+    decode_prefix_reuse: bool = True
 
 
 class AbortReq(msgspec.Struct, tag=True):

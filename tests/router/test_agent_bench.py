@@ -66,7 +66,8 @@ def test_turns_through_the_router_and_the_counters(bench, roomy, count) -> None:
     router, workers = roomy
     asyncio.run(bench.warm_up(router.base, "m", 2, count))
     warmed = [[g for g in w.generate_reqs() if g.session_id.startswith("warm-up-")] for w in workers]
-    assert [len(reqs) for reqs in warmed] == [2, 2]  # concurrent new sessions spread over both workers
+    # concurrent new sessions spread over both workers (how evenly depends on when heartbeats land)
+    assert sorted(len(reqs) for reqs in warmed) in ([2, 2], [1, 3])
     assert max(len(g.input_ids) for g in warmed[0]) > 600
     work = bench.Workload(sessions=2, turns=3, tool_output_tokens=60, max_tokens=5)
     before = bench.worker_counters(httpx.get(router.base + "/workers").json())
