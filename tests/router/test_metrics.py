@@ -21,6 +21,7 @@ class FakeLink:
     role: str = "decode"
     routed: int = 3
     prefills_assigned: int = 0
+    info: object | None = None
 
 
 @dataclass
@@ -55,6 +56,19 @@ def test_worker_gauges() -> None:
     routed = {(s.labels["worker"], s.labels["as"]): s.value
               for s in fams["mixquant_router_worker_requests"].samples}
     assert routed[("a", "serving")] == 3 and routed[("a", "prefill")] == 0
+    assert "mixquant_worker_info" in fams and not fams["mixquant_worker_info"].samples  # no WorkerInfo yet
+
+
+def test_worker_info_names_each_phase_precision() -> None:
+    from types import SimpleNamespace
+
+    link = FakeLink("a", "tcp://h:1", True, None, role="prefill",
+                    info=SimpleNamespace(prefill_precision="nvfp4", decode_precision="nvfp4"))
+    registry = CollectorRegistry()
+    registry.register(WorkerCollector(FakePool([link])))
+    fams = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
+    (s,) = fams["mixquant_worker_info"].samples
+    assert s.value == 1 and s.labels["prefill_precision"] == "nvfp4" and s.labels["role"] == "prefill"
 
 
 def test_session_metrics(monkeypatch) -> None:
