@@ -51,10 +51,10 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def worker_error(message: str | None, code: str | None) -> APIError:
+def worker_error(message: str | None, code: str | None, param: str | None = None) -> APIError:
     """The APIError for a request that a worker failed (or that failed with its worker)."""
     status = _WORKER_CODES.get(code or "", 500)
-    return APIError(status, message or "the worker failed the request", code=code or "internal_error")
+    return APIError(status, message or "the worker failed the request", param=param, code=code or "internal_error")
 
 
 def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:

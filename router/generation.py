@@ -137,7 +137,7 @@ class Generation:
             if out.error or out.finish_reason in ("error", "abort"):
                 self.close()
                 code = out.error_code or ("aborted" if out.finish_reason == "abort" else None)
-                raise worker_error(out.error or "the worker aborted the request", code)
+                raise worker_error(out.error or "the worker aborted the request", code, out.error_param)
             if self.done:
                 self.timer.on_usage(**self.usage_counts())
         return st, out

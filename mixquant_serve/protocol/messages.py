@@ -61,6 +61,7 @@ class ReqOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
     completion_tokens: int = 0
     error: str | None = None
     error_code: str | None = None
+    error_param: str | None = None  # the request field at fault, for the API's `param`
 
 
 class ReqOutputs(msgspec.Struct, tag=True):

@@ -164,7 +164,7 @@ class Worker:
         except InvalidSamplingParams as e:
             self._send([_refusal(msg, str(e), "invalid_request")])
         except RequestError as e:
-            self._send([_refusal(msg, str(e), e.code)])
+            self._send([_refusal(msg, str(e), e.code, e.param)])
 
     def _request_options(self, msg: GenerateReq) -> dict:
         return {}
@@ -227,6 +227,6 @@ class _Registrar:
         self.sock.close(0)
 
 
-def _refusal(msg: GenerateReq, message: str, code: str) -> ReqOutput:
+def _refusal(msg: GenerateReq, message: str, code: str, param: str | None = None) -> ReqOutput:
     return ReqOutput(rid=msg.rid, finished=True, finish_reason="error", error=message, error_code=code,
-                     prompt_tokens=len(msg.input_ids))
+                     error_param=param, prompt_tokens=len(msg.input_ids))
