@@ -31,6 +31,8 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--local-prefill-max-tokens", type=int, default=None,
                    help="a decode worker prefills deltas shorter than this itself (router flag)")
     p.add_argument("--api-key", default=None, help="require this bearer key on /v1/* (router flag)")
+    p.add_argument("--worker-timeout", type=float, default=None,
+                   help="seconds without a heartbeat after which the router counts a worker unhealthy (router flag)")
     p.add_argument("--threads-per-worker", type=int, default=0,
                    help="torch CPU threads per worker (0: the cores divided among the workers)")
     p.add_argument("--chat-template", default=None, help="Jinja chat template file overriding the model's")
@@ -52,7 +54,7 @@ def launch(args: argparse.Namespace) -> int:
         print(f"mixquant-serve: {e}", file=sys.stderr)
         return 2
     router_args = []
-    for flag in ("chat_template", "policy", "local_prefill_max_tokens", "api_key"):
+    for flag in ("chat_template", "policy", "local_prefill_max_tokens", "api_key", "worker_timeout"):
         if (value := getattr(args, flag)) is not None:
             router_args += ["--" + flag.replace("_", "-"), str(value)]
     backend = args.transfer_backend or ("nccl" if engine.device == "cuda" or _has_gpu() else "tcp")

@@ -9,7 +9,11 @@ Lifecycle of a request in a colocated worker:
   4. AbortReq (a client went away) removes it wherever it is and frees its pages.
 Between steps the loop drains its sockets; when idle it blocks on them. Every `heartbeat_s` it
 broadcasts WorkerStats and the prefix cache's changes (CacheEvents), which the router uses for
-health, placement and /metrics. The prefill and decode workers extend this loop through the hooks
+health, placement and /metrics. A step that runs longer than a heartbeat (a long prefill chunk on a
+slow machine) does not make the worker look dead: while the loop thread is inside a step, a helper
+thread repeats the latest WorkerStats every `heartbeat_s`. The control socket is guarded by a lock that
+the loop thread gives up only for the duration of a step, so the two never use it at once.
+The prefill and decode workers extend this loop through the hooks
 `_on_message`, `_after_step` and `_sockets`.
 """
 
@@ -19,6 +23,7 @@ import dataclasses
 import logging
 import os
 import signal
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -68,6 +73,10 @@ class Worker:
         if engine.cache is not None:
             engine.cache.listener = self._on_cache_change
         self.registrar = _Registrar(router_url, self.advertise_url, self.role) if router_url else None
+        self._sock_lock = threading.Lock()  # held by the loop thread except while it runs a step
+        self._step_started: float | None = None
+        self._last_stats: WorkerStats | None = None
+        self._beats_stop = threading.Event()
 
     # -- what the router sees ---------------------------------------------------------------------
     def info(self) -> WorkerInfo:
@@ -113,17 +122,49 @@ class Worker:
         poller = zmq.Poller()
         for s in self._sockets():
             poller.register(s, zmq.POLLIN)
+        self._sock_lock.acquire()
+        beats = threading.Thread(target=self._beat_during_steps, daemon=True, name="step-heartbeats")
+        beats.start()
         try:
             while not self.stopping:
                 self._handle(self.sock.recv_all())
                 if self.engine.has_work:
-                    self._send(self.engine.step())
+                    self._send(self._step())
                 else:
                     poller.poll(self._idle_poll_ms())
                 self._send(self._after_step())
                 self._heartbeat()
         finally:
+            self._beats_stop.set()
             self._shutdown()
+            self._sock_lock.release()
+            beats.join(timeout=5)
+
+    def _step(self) -> list[ReqOutput]:
+        """One engine step, with the control socket left to the step-heartbeat thread meanwhile."""
+        self._step_started = time.monotonic()
+        self._sock_lock.release()
+        try:
+            return self.engine.step()
+        finally:
+            self._sock_lock.acquire()
+            self._step_started = None
+
+    def _beat_during_steps(self) -> None:
+        """Repeat the latest WorkerStats while the loop thread is in a step longer than a heartbeat."""
+        while not self._beats_stop.wait(self.heartbeat_s):
+            started = self._step_started
+            if started is None or time.monotonic() - started < self.heartbeat_s or self._last_stats is None:
+                continue
+            if not self._sock_lock.acquire(blocking=False):  # the step just ended: the loop beats itself
+                continue
+            try:
+                if self._step_started is not None:
+                    self.sock.broadcast(self._last_stats)
+            except zmq.ZMQError as e:
+                log.warning("step heartbeat not sent: %s", e)
+            finally:
+                self._sock_lock.release()
 
     def _sockets(self) -> list[zmq.Socket]:
         return [self.sock.sock]
@@ -186,7 +227,8 @@ class Worker:
         now = time.monotonic()
         if now >= self._next_beat:
             self._next_beat = now + self.heartbeat_s
-            self.sock.broadcast(self.stats())
+            self._last_stats = self.stats()
+            self.sock.broadcast(self._last_stats)
             if self._inserted or self._evicted:
                 self.sock.broadcast(self._cache_events(snapshot=False))
             if self.registrar:
