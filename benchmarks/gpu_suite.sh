@@ -2,7 +2,7 @@
 # The GPU host's suite, run from the repository root: installs the carried wheels (.whl, see
 # ../shared/gpu-host/README.md), runs every test marked `gpu` under tests/, then benchmarks/kv_transfer.py.
 # Logs and results go to $OUT (default .out/): env.txt, pytest_gpu.log, kv_transfer.{log,json,md}.
-#   bash benchmarks/gpu_suite.sh [extra pytest arguments]
+#   bash benchmarks/gpu_suite.sh [extra pytest arguments]      (KV_TRANSFER_ARGS=--profile: profile a transfer too)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/.out}
@@ -28,7 +28,7 @@ python3 -m pytest -m gpu tests --continue-on-collection-errors -p no:cacheprovid
   | tee "$OUT/pytest_gpu.log"
 tests_rc=${PIPESTATUS[0]}
 
-python3 benchmarks/kv_transfer.py --out "$OUT" 2>&1 | tee "$OUT/kv_transfer.log"
+python3 benchmarks/kv_transfer.py --out "$OUT" ${KV_TRANSFER_ARGS:-} 2>&1 | tee "$OUT/kv_transfer.log"
 bench_rc=${PIPESTATUS[0]}
 
 echo "pytest exit $tests_rc, kv_transfer exit $bench_rc"

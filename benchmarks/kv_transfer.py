@@ -11,7 +11,17 @@ from the moment both processes leave a barrier:
               until SUCCESS (ncclRecv, scatter into the pages, every event passed)
   one buffer  dist.send / dist.recv of one contiguous buffer of the same size
   per layer   dist.send / dist.recv of 36 contiguous buffers (the backend's message sizes, no gather/scatter)
-Median of --iters runs after one warm-up. GB/s = 10^9 bytes/s. Prints a table, writes kv_transfer.json and
+  overlapped  as in a prefill worker: the sender runs each layer's GEMMs (Qwen3-8B shapes, the prompt's tokens;
+              attention left out, so compute is understated) and sends that layer's KV after it; the
+              receiver times until SUCCESS. The sender times the same GEMMs without sending ("compute");
+              exposed = overlapped - compute is what the transfer adds to time-to-first-token. The sender
+              also times its GEMMs while sending ("compute while sending"): the part of the exposed time
+              that is compute slowed down by the transfer (its kernels sharing the GPU, or its host work
+              delaying the launch of the next layer's GEMMs: the sender's host time to issue all layers
+              is reported too).
+Median of --iters runs after one warm-up. With --profile, one more back-to-back run of the first prompt
+length runs under cProfile on both sides (profile_rank0.txt for the sender, profile_rank1.txt for the
+receiver, in --out). GB/s = 10^9 bytes/s. Prints a table, writes kv_transfer.json and
 kv_transfer.md to --out (default $OUT when set) and appends the table to benchmarks/RESULTS.md.
 """
 
@@ -26,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import date
 from pathlib import Path
@@ -44,6 +55,8 @@ from mixquant_serve.transfer.base import TransferState, create_receiver, create_
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## KV transfer between two GPUs (benchmarks/kv_transfer.py)"
 LAYOUT = KVLayout(num_layers=36, num_kv_heads=8, head_dim=128, page_size=16, dtype="bfloat16")
+# Qwen3-8B's per-layer GEMMs as (in, out): q/k/v, o, gate/up, down
+LAYER_GEMMS = [(4096, 6144), (4096, 4096), (4096, 24576), (12288, 4096)]
 
 
 def barrier(dev: torch.device) -> None:
@@ -89,18 +102,56 @@ class Side:
             self.receiver = create_receiver(backend, self.storage, "bench-decode", "127.0.0.1", 120.0)
             store.set("address", self.receiver.address)
 
-    def backend(self, rid: str, src: list[int], dst: list[int]) -> float:
+        self.weights: list[torch.Tensor] = []
+        self.out: list[float] = []  # the sender's time to its last GEMM in an overlapped run
+        self.issued: list[float] = []  # the sender's host time to issue every layer's work
+
+    def layer_compute(self, x: torch.Tensor) -> None:
+        """One decoder layer's GEMMs on `x` [tokens, 4096] (their results are not used)."""
+        if not self.weights:
+            self.weights = [torch.empty(k, n, dtype=torch.bfloat16, device=self.dev).normal_(0, 0.02)
+                            for k, n in LAYER_GEMMS]
+        for w in self.weights:
+            torch.matmul(x if w.shape[0] == x.shape[1] else x.new_empty(x.shape[0], w.shape[0]), w)
+
+    def compute_only(self, tokens: int) -> float:
+        """Sender: the layers' GEMMs alone, timed to their completion."""
+        x = torch.empty(tokens, 4096, dtype=torch.bfloat16, device=self.dev).normal_()
+        barrier(self.dev)
+        start = time.perf_counter()
+        for _ in range(LAYOUT.num_layers):
+            self.layer_compute(x)
+        sync(self.dev)
+        elapsed = time.perf_counter() - start
+        barrier(self.dev)
+        return elapsed
+
+    def backend(self, rid: str, src: list[int], dst: list[int], compute_tokens: int = 0) -> float:
+        """Back to back (compute_tokens=0) or each layer's send after that layer's GEMMs."""
         if self.rank == 0:
+            x = torch.empty(max(compute_tokens, 1), 4096, dtype=torch.bfloat16, device=self.dev).normal_()
             self.sender.open(rid, self.peer)
             barrier(self.dev)
+            start = time.perf_counter()
             for layer in range(LAYOUT.num_layers):
+                if compute_tokens:
+                    self.layer_compute(x)
+                    if layer == LAYOUT.num_layers - 1:
+                        computed = threading.Event()  # set by a thread once the last GEMM has completed
+                        mark = torch.cuda.Event() if self.dev.type == "cuda" else None
+                        if mark is not None:
+                            mark.record()
+                        threading.Thread(target=_wait_then_set, args=(mark, computed, start, self.out)).start()
                 self.sender.send(rid, layer, src, dst)
+            self.issued.append(time.perf_counter() - start)
             self.sender.close(rid)
             while getattr(self.sender, "in_flight", 0):
                 self.sender.poll()
             barrier(self.dev)
             self.sender.acknowledge(rid, True, None)
-            return 0.0
+            if compute_tokens:
+                computed.wait()
+            return self.out.pop() if compute_tokens else 0.0
         self.receiver.expect(rid, dst, "bench-prefill")
         barrier(self.dev)
         start, ended = time.perf_counter(), []
@@ -123,11 +174,24 @@ class Side:
         return elapsed
 
 
-def measure(side: Side, tokens: int, iters: int) -> dict | None:
+def _wait_then_set(mark: torch.cuda.Event | None, done: threading.Event, start: float, out: list[float]) -> None:
+    if mark is not None:
+        mark.synchronize()
+    out.append(time.perf_counter() - start)
+    done.set()
+
+
+def measure(side: Side, tokens: int, iters: int, profile_dir: str | None = None) -> dict | None:
     """The receiver's row for one prompt length (None on the sender)."""
     src, dst = pages_for(tokens, side.storage.num_pages, 1), pages_for(tokens, side.storage.num_pages, 2)
     nbytes = len(dst) * KVStorage.bytes_per_page(LAYOUT)
     ours = [side.backend(f"{tokens}-{i}", src, dst) for i in range(iters + 1)][1:]
+    if profile_dir:
+        profiled(side, f"{tokens}-profile", src, dst, Path(profile_dir, f"profile_rank{side.rank}.txt"))
+    compute = [side.compute_only(tokens) for _ in range(iters + 1)][1:]
+    side.issued.clear()
+    overlapped = [side.backend(f"{tokens}-o{i}", src, dst, tokens) for i in range(iters + 1)][1:]
+    issued = side.issued[1:]
     buf = torch.empty(nbytes, dtype=torch.uint8, device=side.dev)
     one = [side.torch_p2p([buf]) for _ in range(iters + 1)][1:]
     layers = list(buf.view(LAYOUT.num_layers, -1))
@@ -136,13 +200,33 @@ def measure(side: Side, tokens: int, iters: int) -> dict | None:
     key = f"fingerprint-{tokens}"
     if side.rank == 0:
         side.store.set(key, json.dumps(fingerprint(side.storage, src)))
+        side.store.set(f"compute-{tokens}", json.dumps([compute, overlapped, issued]))
         return None
+    compute, computing, issued = json.loads(side.store.get(f"compute-{tokens}"))
     verified = json.loads(side.store.get(key)) == fingerprint(side.storage, dst)
-    times = {"backend": ours, "one": one, "layer": per_layer}
+    times = {"backend": ours, "one": one, "layer": per_layer, "compute": compute, "computing": computing,
+             "issued": issued, "overlapped": overlapped}
     med = {name: statistics.median(xs) for name, xs in times.items()}
     return {"tokens": tokens, "bytes": nbytes, "verified": verified,
+            "exposed_ms": (med["overlapped"] - med["compute"]) * 1e3,
             **{f"{k}_ms": v * 1e3 for k, v in med.items()},
             **{f"{k}_gbps": nbytes / v / 1e9 for k, v in med.items()}}
+
+
+def profiled(side: Side, rid: str, src: list[int], dst: list[int], path: Path) -> None:
+    """One back-to-back transfer under cProfile; the 30 functions with the most own time go to `path`."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    side.backend(rid, src, dst)
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.getvalue())
 
 
 def worker(rank: int, args: argparse.Namespace, result_path: str) -> None:
@@ -154,7 +238,8 @@ def worker(rank: int, args: argparse.Namespace, result_path: str) -> None:
     dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=2,
                             device_id=dev if cuda else None)
     side = Side(rank, store, max(args.tokens) // LAYOUT.page_size + 64, dev)
-    rows = [measure(side, tokens, args.iters) for tokens in args.tokens]
+    rows = [measure(side, tokens, args.iters, args.out if args.profile and i == 0 else None)
+            for i, tokens in enumerate(args.tokens)]
     if rank == 1:
         Path(result_path).write_text(json.dumps(rows))
     barrier(side.dev)
@@ -206,6 +291,16 @@ def render(run: dict) -> str:
         cells += [f"{r[k + '_gbps']:.1f} ({r[k + '_ms']:.2f})" for k in ("backend", "one", "layer")]
         cells += [f"{r['backend_gbps'] / r['one_gbps']:.2f}", "yes" if r["verified"] else "NO"]
         lines.append("| " + " | ".join(cells) + " |")
+    if all("compute_ms" in r for r in run["rows"]):
+        lines += ["", "Overlapped with compute (each layer's KV sent after that layer's GEMMs, as in a prefill "
+                  "worker; attention not computed):", "",
+                  "| prompt tokens | compute alone (ms) | sender's host time to issue all layers (ms) "
+                  "| compute while sending (ms) | compute + transfer, until received (ms) | exposed transfer (ms) "
+                  "| back-to-back transfer (ms) |", "|---|---|---|---|---|---|---|"]
+        for r in run["rows"]:
+            issued, during = (f"{r[k]:.2f}" if k in r else "-" for k in ("issued_ms", "computing_ms"))
+            lines.append(f"| {r['tokens']} | {r['compute_ms']:.2f} | {issued} | {during} | {r['overlapped_ms']:.2f} "
+                         f"| {r['exposed_ms']:.2f} | {r['backend_ms']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -219,7 +314,8 @@ def append_results(table: str) -> None:
         RESULTS.write_text(text + "\n" + table)
         return
     head, tail = text.split(SECTION, 1)
-    nxt = tail.find("\n## ")
+    ends = [i for i in (tail.find("\n## "), tail.find("\n<!-- ")) if i >= 0]  # the next section or its marker
+    nxt = min(ends, default=-1)
     body, rest = (tail, "") if nxt < 0 else (tail[:nxt], tail[nxt:])
     RESULTS.write_text(head + SECTION + body.rstrip("\n") + "\n\n" + table + rest)
 
@@ -236,6 +332,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--no-append", action="store_true")
+    p.add_argument("--profile", action="store_true", help="also profile one back-to-back transfer (see above)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="cpu: a dry run of this script with the tcp backend and gloo (not a GPU result)")
     p.add_argument("--render", help="a kv_transfer.json of an earlier run: append its table and exit")

@@ -20,6 +20,7 @@ reused at once: nothing still in flight will write them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -74,6 +75,11 @@ def decode_frames(frames: list) -> tuple[NcclStreamMsg, str] | None:
     except (msgspec.DecodeError, UnicodeDecodeError) as e:
         log.warning("dropped an undecodable KV stream message: %s", e)
         return None
+
+
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """`device` as the current device; free when it already is (the worker's case: one device per process)."""
+    return contextlib.nullcontext() if torch.cuda.current_device() == device.index else torch.cuda.device(device)
 
 
 def cuda_device(storage: KVStorage) -> torch.device:
@@ -354,7 +360,7 @@ class NcclSender(KVSender):
         if not self._push(link, KVChunk(rid=t.rid, layer=layer, dst_pages=dst, nbytes=nbytes)):
             t.end(TransferState.FAILED, f"decode peer {link.peer} is not taking data")
             return
-        with torch.cuda.device(self.device):
+        with _on(self.device):
             self.gather_stream.wait_event(written)
             with torch.cuda.stream(self.gather_stream):
                 stage, keep = self.pages.gather(layer, src)
@@ -537,7 +543,7 @@ class NcclReceiver(KVReceiver):
         while link.queued and link.usable:
             chunk, accepted = link.queued.pop(0)
             try:
-                with torch.cuda.device(self.device), torch.cuda.stream(link.stream):
+                with _on(self.device), torch.cuda.stream(link.stream):
                     raw = torch.empty(chunk.nbytes, dtype=torch.uint8, device=self.device)
                     link.post(raw.data_ptr(), chunk.nbytes)
                     received = torch.cuda.Event()
@@ -565,7 +571,7 @@ class NcclReceiver(KVReceiver):
         inb.recvs -= 1
         if t is None or t.done:
             return
-        with torch.cuda.device(self.device), torch.cuda.stream(self.scatter_stream):
+        with _on(self.device), torch.cuda.stream(self.scatter_stream):
             self.scatter_stream.wait_event(op.event)
             keep = self.pages.scatter(op.chunk.layer, op.chunk.dst_pages, op.keep[0])
             scattered = torch.cuda.Event()
