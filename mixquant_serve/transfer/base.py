@@ -27,6 +27,7 @@ from enum import Enum
 from typing import Any
 
 import msgspec
+import zmq
 
 from mixquant_serve.kvcache.storage import KVStorage
 from mixquant_serve.protocol.messages import TransferPeer
@@ -86,6 +87,28 @@ class Transfer:
     @property
     def seconds(self) -> float:
         return (self.finished or time.monotonic()) - self.started
+
+
+class PushSockets:
+    """A sender's PUSH sockets to the decode workers' KV stream endpoints: one per address, made on first use,
+    never blocking on close and queueing deep enough for every layer of many requests."""
+
+    def __init__(self) -> None:
+        self.ctx = zmq.Context.instance()
+        self.sockets: dict[str, zmq.Socket] = {}
+
+    def get(self, address: str) -> zmq.Socket:
+        if address not in self.sockets:
+            s = self.ctx.socket(zmq.PUSH)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDHWM, 100_000)
+            s.connect(address)
+            self.sockets[address] = s
+        return self.sockets[address]
+
+    def close(self) -> None:
+        for s in self.sockets.values():
+            s.close(0)
 
 
 class KVSender(ABC):

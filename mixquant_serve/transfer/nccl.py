@@ -41,6 +41,7 @@ from mixquant_serve.transfer.base import (
     KVFailed,
     KVReceiver,
     KVSender,
+    PushSockets,
     Transfer,
     TransferState,
     stream_encoder,
@@ -276,8 +277,7 @@ class NcclSender(KVSender):
         self.pages = _Pages(storage)
         self.page_bytes = KVStorage.bytes_per_page(storage.layout) // storage.layout.num_layers
         self.gather_stream = torch.cuda.Stream(self.device)
-        self.ctx = zmq.Context.instance()
-        self.sockets: dict[str, zmq.Socket] = {}
+        self.streams = PushSockets()
         self.links: dict[str, _Link] = {}  # by the peer's address
         self.link_of: dict[str, _Link] = {}  # by rid
         self.watchdog = _Watchdog(self.links, timeout_s)
@@ -287,18 +287,9 @@ class NcclSender(KVSender):
         """NCCL sends queued or not yet completed, over all links."""
         return sum(len(link.queued) + len(link.inflight) for link in self.links.values())
 
-    def _socket(self, address: str) -> zmq.Socket:
-        if address not in self.sockets:
-            s = self.ctx.socket(zmq.PUSH)
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.SNDHWM, 100_000)
-            s.connect(address)
-            self.sockets[address] = s
-        return self.sockets[address]
-
     def _push(self, link: _Link, msg: NcclStreamMsg) -> bool:
         try:
-            self._socket(link.peer).send_multipart(encode_frames(msg, link.id), flags=zmq.NOBLOCK)
+            self.streams.get(link.peer).send_multipart(encode_frames(msg, link.id), flags=zmq.NOBLOCK)
             return True
         except zmq.Again:
             return False
@@ -417,8 +408,7 @@ class NcclSender(KVSender):
         for t in threads:
             if t is not None:
                 t.join(timeout=10)
-        for s in self.sockets.values():
-            s.close(0)
+        self.streams.close()
 
 
 @dataclass

@@ -22,6 +22,7 @@ from mixquant_serve.transfer.base import (
     KVFailed,
     KVReceiver,
     KVSender,
+    PushSockets,
     Transfer,
     TransferState,
     stream_decoder,
@@ -38,25 +39,15 @@ def _as_buffer(t: torch.Tensor):
 class TcpSender(KVSender):
     def __init__(self, storage: KVStorage, worker_id: str, timeout_s: float) -> None:
         super().__init__(storage, worker_id, timeout_s)
-        self.ctx = zmq.Context.instance()
-        self.sockets: dict[str, zmq.Socket] = {}
-
-    def _socket(self, address: str) -> zmq.Socket:
-        if address not in self.sockets:
-            s = self.ctx.socket(zmq.PUSH)
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.SNDHWM, 100_000)
-            s.connect(address)
-            self.sockets[address] = s
-        return self.sockets[address]
+        self.streams = PushSockets()
 
     def _connect(self, t: Transfer, peer: TransferPeer) -> None:
-        self._socket(peer.address)
+        self.streams.get(peer.address)
         t.state = TransferState.TRANSFERRING
 
     def _push(self, t: Transfer, frames: list) -> None:
         try:
-            self._socket(t.peer).send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            self.streams.get(t.peer).send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             t.end(TransferState.FAILED, f"decode peer {t.peer} is not taking data")
 
@@ -75,8 +66,7 @@ class TcpSender(KVSender):
         self._push(t, [stream_encoder.encode(msg)])
 
     def shutdown(self) -> None:
-        for s in self.sockets.values():
-            s.close(0)
+        self.streams.close()
 
 
 class TcpReceiver(KVReceiver):

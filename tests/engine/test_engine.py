@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from logit_spy import LogitSpy
 
 from mixquant_serve import Engine, SamplingParams
 from mixquant_serve.engine.engine import RequestError
@@ -48,19 +49,6 @@ def drain(engine: Engine) -> dict[str, list]:
         for out in engine.step():
             outs.setdefault(out.rid, []).append(out)
     return outs
-
-
-class LogitSpy:
-    """Wraps the engine's sampler and keeps every logits row it samples from, per request."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.inner, self.rows = engine.sampler, {}
-        engine.sampler = self
-
-    def __call__(self, logits, reqs):
-        for row, req in zip(logits, reqs, strict=True):
-            self.rows.setdefault(req.rid, []).append(row.detach().clone())
-        return self.inner(logits, reqs)
 
 
 # ------------------------------------------------------------------------------------ prefix reuse

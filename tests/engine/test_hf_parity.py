@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from logit_spy import LogitSpy
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
 from mixquant_serve import Engine, SamplingParams
@@ -19,19 +20,6 @@ PROMPTS = [
     "In a distant galaxy, a small robot named Pixel discovered that the stars were",
 ]
 STEPS = 32
-
-
-class LogitSpy:
-    """Wraps the engine's sampler and keeps every logits row it samples from, per request."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.inner, self.rows = engine.sampler, {}
-        engine.sampler = self
-
-    def __call__(self, logits, reqs):
-        for row, req in zip(logits, reqs, strict=True):
-            self.rows.setdefault(req.rid, []).append(row.detach().clone())
-        return self.inner(logits, reqs)
 
 
 def hf_greedy(model, ids: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
