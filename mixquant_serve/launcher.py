@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import json
 import os
 import signal
@@ -193,12 +194,21 @@ class Cluster:
         return 0
 
 
+def _client_python() -> str:
+    """The interpreter to paste: this one when it has the openai client (make serve installs it), else python."""
+    if importlib.util.find_spec("openai") is None:
+        return "pip install openai==3.51.0 && python"
+    rel = os.path.relpath(sys.executable)
+    return sys.executable if rel.startswith("..") else rel
+
+
 def banner(url: str, model: str, spec: ClusterSpec) -> str:
     chat = f"{url}/v1/chat/completions"
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                       "max_tokens": 64})
     py = (f"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='none'); "
           f"print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', "
-          f"'content': 'What is the capital of France?'}}]).choices[0].message.content)")
+          f"'content': 'What is the capital of France?'}}], max_tokens=64).choices[0].message.content)")
     eng = spec.engine
     layout = (f"{spec.workers} colocated worker(s)" if spec.mode == "colocated" else
               f"{spec.prefill_workers} prefill + {spec.decode_workers} decode workers, KV over {spec.transfer_backend}")
@@ -211,7 +221,7 @@ def banner(url: str, model: str, spec: ClusterSpec) -> str:
         f"  curl {chat} -H 'Content-Type: application/json' -d '{body}'",
         "",
         "openai (Python):",
-        f'  python -c "{py}"',
+        f'  {_client_python()} -c "{py}"',
         "",
         "Press Ctrl-C to stop.",
         "",

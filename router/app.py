@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from router import serving
 from router.args import RouterConfig, parse_args
 from router.errors import APIError, error_body, validation_message
 from router.metrics import RouterMetrics
+from router.params import SamplingDefaults
 from router.placement import PolicySettings, create_policy
 from router.reasoning import template_thinks
 from router.registry import Registry
@@ -39,7 +41,11 @@ def create_app(cfg: RouterConfig) -> FastAPI:
     policy = create_policy(cfg.policy, settings)
     reasoning = cfg.reasoning_parser == "qwen3" or (cfg.reasoning_parser == "auto"
                                                     and template_thinks(tokenizer.chat_template))
-    state = RouterState(cfg, tokenizer, pool, policy, RouterMetrics(pool, policy), reasoning)
+    defaults = SamplingDefaults.load(cfg.model_path, cfg.sampling_defaults)
+    if defaults != SamplingDefaults():
+        log.info("sampling defaults from the model's generation_config.json (a request's own values win): %s",
+                 ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(defaults).items()))
+    state = RouterState(cfg, tokenizer, pool, policy, RouterMetrics(pool, policy), reasoning, defaults)
     registry = Registry(pool, cfg.host, cfg.registry_port) if cfg.registry_port else None
 
     @asynccontextmanager

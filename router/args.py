@@ -10,6 +10,7 @@ from router.placement import POLICIES
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 REASONING_PARSERS = ("auto", "qwen3", "none")
+SAMPLING_DEFAULT_SOURCES = ("model", "openai")
 
 # Tokens a turn may add beyond what its decode worker holds and still be prefilled there (BF16) instead of
 # on a prefill worker. benchmarks/agent_sessions.py sweeps this value (RESULTS.md, "Agent sessions"): on CPU
@@ -31,6 +32,7 @@ class RouterConfig:
     served_model_name: str | None = None
     chat_template: str | None = None
     reasoning_parser: str = "auto"
+    sampling_defaults: str = "model"
     policy: str = "affinity"
     session_ttl: float = 600.0
     overload_threshold: int = 4
@@ -66,6 +68,9 @@ _HELP = {
     "port": "HTTP port",
     "served_model_name": "model name clients send (default: the model folder's name)",
     "chat_template": "a Jinja chat template file that replaces the tokenizer's (tools included)",
+    "sampling_defaults": "defaults of the sampling fields a request leaves out: model (the model folder's "
+                         "generation_config.json, e.g. Qwen3's temperature 0.6, top_p 0.95, top_k 20) or openai "
+                         "(temperature 1, top_p 1, no top_k)",
     "reasoning_parser": "split <think>...</think> into reasoning_content: qwen3, none, or auto (qwen3 when "
                         "the chat template mentions <think>)",
     "policy": "placement: affinity (sessions stay on one prefill/decode pair, new ones go where their "
@@ -91,7 +96,8 @@ _HELP = {
 }
 
 _LISTS = ("worker_urls", "prefill_urls", "decode_urls", "api_key")
-_CHOICES = {"policy": tuple(sorted(POLICIES)), "reasoning_parser": REASONING_PARSERS, "log_level": LOG_LEVELS}
+_CHOICES = {"policy": tuple(sorted(POLICIES)), "reasoning_parser": REASONING_PARSERS, "log_level": LOG_LEVELS,
+            "sampling_defaults": SAMPLING_DEFAULT_SOURCES}
 
 
 def _comma_list(text: str) -> tuple[str, ...]:

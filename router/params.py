@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
 
 import msgspec
 
@@ -11,6 +15,7 @@ from router.errors import APIError
 from router.openai_api import ChatCompletionRequest, CompletionRequest, SamplingRequest
 
 MAX_N = 16
+log = logging.getLogger("router")
 
 
 def bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -67,21 +72,60 @@ def chat_logprobs(req: ChatCompletionRequest) -> int | None:
     return (req.top_logprobs or 0) if req.logprobs else None
 
 
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request that leaves a sampling field out gets: OpenAI's defaults, or the model's own
+    recommendation from its generation_config.json (`--sampling-defaults model`, as SGLang and vLLM do)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+    @classmethod
+    def load(cls, model_path: str, source: str) -> SamplingDefaults:
+        path = Path(model_path) / "generation_config.json"
+        if source != "model" or not path.is_file():
+            return cls()
+        try:
+            gen = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            log.warning("ignoring %s: %s", path, e)
+            return cls()
+        found = {}
+        for f in dataclasses.fields(cls):
+            value = gen.get(f.name) if isinstance(gen, dict) else None
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                found[f.name] = int(value) if f.type == "int" else float(value)
+        defaults = cls(**found)
+        try:
+            defaults.params().validate()
+        except InvalidSamplingParams as e:
+            log.warning("ignoring the sampling defaults of %s: %s", path, e)
+            return cls()
+        return defaults
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+                              repetition_penalty=self.repetition_penalty)
+
+
 def base_params(req: SamplingRequest, max_tokens: int | None, logprobs: int | None,
-                extra_stop: tuple[str, ...] = ()) -> SamplingParams:
+                extra_stop: tuple[str, ...] = (), defaults: SamplingDefaults = SamplingDefaults()) -> SamplingParams:
     """Parameters before the prompt is known: max_tokens may still be None ("up to the context")."""
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     stop += tuple(s for s in extra_stop if s not in stop)
     params = SamplingParams(
         max_tokens=max_tokens,
         min_tokens=req.min_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=-1 if req.top_k is None else req.top_k,
-        min_p=0.0 if req.min_p is None else req.min_p,
+        temperature=defaults.temperature if req.temperature is None else req.temperature,
+        top_p=defaults.top_p if req.top_p is None else req.top_p,
+        top_k=defaults.top_k if req.top_k is None else req.top_k,
+        min_p=defaults.min_p if req.min_p is None else req.min_p,
         frequency_penalty=req.frequency_penalty,
         presence_penalty=req.presence_penalty,
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        repetition_penalty=defaults.repetition_penalty if req.repetition_penalty is None else req.repetition_penalty,
         seed=req.seed,
         stop=stop,
         stop_token_ids=tuple(req.stop_token_ids or ()),

@@ -31,7 +31,15 @@ from router.generation import ChoiceSpec, ClientDisconnected, Generation
 from router.http_io import SSEResponse, read_request
 from router.metrics import RouterMetrics
 from router.openai_api import ChatCompletionRequest, CompletionRequest, SamplingRequest
-from router.params import base_params, chat_logprobs, check_chat, check_completion, fit_context, per_choice
+from router.params import (
+    SamplingDefaults,
+    base_params,
+    chat_logprobs,
+    check_chat,
+    check_completion,
+    fit_context,
+    per_choice,
+)
 from router.placement import PlacementPolicy, PlacementRequest
 from router.processors import create_processor
 from router.prompts import encode_chat, encode_prompts, prompt_text
@@ -57,6 +65,7 @@ class RouterState:
     policy: PlacementPolicy
     metrics: RouterMetrics
     reasoning: bool = False  # split <think> blocks into reasoning_content
+    sampling_defaults: SamplingDefaults = SamplingDefaults()
     pending: int = 0
 
     def check_model(self, model: str | None) -> None:
@@ -163,7 +172,7 @@ def _start(state: RouterState, request: Request, job: _Job, attempt: int) -> Gen
     where = PlacementRequest(job.rid, job.prompts[0], job.req.n * len(job.prompts), job.session)
     target = state.policy.choose(state.pool, where, prompt)
     ctx = target.worker.context_length or 0
-    base = base_params(job.req, job.max_tokens, job.logprobs, job.extra_stop)
+    base = base_params(job.req, job.max_tokens, job.logprobs, job.extra_stop, state.sampling_defaults)
     n, specs = job.req.n, []
     for p, ids in enumerate(job.prompts):
         fitted = fit_context(base, len(ids), ctx, job.prompt_param)

@@ -123,3 +123,20 @@ def test_an_invalid_schema_is_a_400(client):
                                        response_format={"type": "json_schema",
                                                         "json_schema": {"name": "x", "schema": {"type": 5}}})
     assert e.value.response.json()["error"]["param"] == "response_format"
+
+
+def test_the_printed_examples_run_as_pasted(server):
+    """The curl and openai commands that `mixquant-serve launch` prints, run in a shell as printed."""
+    import json
+    import subprocess
+
+    from mixquant_serve.config import EngineConfig
+    from mixquant_serve.launcher import ClusterSpec, banner
+
+    lines = banner(server, MODEL, ClusterSpec(EngineConfig(), mode="colocated")).splitlines()
+    curl, py = (lines[lines.index(title) + 1].strip() for title in ("curl:", "openai (Python):"))
+    out = subprocess.run(curl + " -s --max-time 120", shell=True, capture_output=True, text=True, timeout=150)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["choices"][0]["message"]["content"]
+    out = subprocess.run(py, shell=True, capture_output=True, text=True, timeout=150)
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr
