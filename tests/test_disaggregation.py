@@ -26,9 +26,10 @@ def model_args(path: str, chunk: int = 256) -> list[str]:
             "--chunked-prefill-size", str(chunk)]
 
 
-def start_pair(path: str, name: str, chunk: int = 256, timeout: float = 8.0) -> tuple[WorkerProc, WorkerProc]:
-    p = WorkerProc("prefill_worker", *model_args(path, chunk), "--prefill-precision", "bf16",
-                   "--decode-precision", "bf16", "--transfer-timeout", str(timeout), name=f"{name}-p")
+def start_pair(path: str, name: str, chunk: int = 256, timeout: float = 8.0, prefill_precision: str = "bf16"
+               ) -> tuple[WorkerProc, WorkerProc]:
+    p = WorkerProc("prefill_worker", *model_args(path, chunk), "--prefill-precision", prefill_precision,
+                   "--decode-precision", prefill_precision, "--transfer-timeout", str(timeout), name=f"{name}-p")
     d = WorkerProc("decode_worker", *model_args(path), "--transfer-timeout", str(timeout), name=f"{name}-d")
     return p.wait_ready(), d.wait_ready()
 
@@ -84,6 +85,40 @@ def test_disaggregated_greedy_equals_colocated(pair, colocated, tok):
     stats = wait_clean(d)
     assert stats.counters["kv_transfers_ok"] >= 3 and stats.counters["remote_prefill_tokens"] > 0
     wait_clean(p)
+
+
+def test_nvfp4_prefill_disaggregated_equals_colocated_mixquant(smollm_path, tok):
+    """Mix-Quant split over two processes (NVFP4 prompt KV from the prefill worker; the last prompt token and
+    every decode step in BF16 on the decode worker) gives the colocated Mix-Quant engine's tokens and
+    log-probabilities, which differ from BF16 end to end. One request per batch on both sides: quantize-at-load
+    NVFP4 scales activations by each batch's amax."""
+    p, d = start_pair(smollm_path, "mq", prefill_precision="nvfp4")
+    try:
+        assert (p.info.prefill_precision, d.info.decode_precision) == ("nvfp4", "bf16")
+        kw = dict(dtype="float32", decode_precision="bf16", context_length=2048, max_total_tokens=8192,
+                  chunked_prefill_size=256)
+        mixquant = Engine(smollm_path, prefill_precision="nvfp4", **kw)
+        bf16 = Engine(smollm_path, prefill_precision="bf16", **kw)
+        log = "".join(f"WARN retry {i} on /dev/sd{i % 4}\n" for i in range(40))
+        prompts = [chat(tok, "What is the capital of France?"), chat(tok, "Summarise this log:\n" + log),
+                   chat(tok, "Write a haiku about the sea.")]
+        params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=0)
+        gaps = []
+        for i, ids in enumerate(prompts):
+            d.submit(f"mq{i}", ids, params, prefill_url=p.url)
+            tokens, final = d.result(f"mq{i}")
+            assert final.error is None and final.finish_reason == "length"
+            ours = [lp.logprob for o in d.outputs[f"mq{i}"] for lp in (o.logprobs or [])]
+            ref = mixquant.generate([ids], params)[0]
+            assert tokens == ref.token_ids
+            assert ours == pytest.approx([lp.logprob for lp in ref.logprobs], abs=1e-4)
+            plain = bf16.generate([ids], params)[0]
+            if plain.token_ids[:1] == tokens[:1]:
+                gaps.append(abs(ours[0] - plain.logprobs[0].logprob))
+        assert max(gaps) > 1e-3, f"NVFP4 prompt KV gave BF16's first-token logprobs ({gaps}): precision not seen"
+        assert wait_clean(d).counters["kv_transfers_ok"] >= 3
+    finally:
+        p.stop(), d.stop()
 
 
 def test_second_turn_transfers_only_the_new_tokens(pair, colocated, tok):
