@@ -136,9 +136,11 @@ class Worker:
                 self._heartbeat()
         finally:
             self._beats_stop.set()
-            self._shutdown()
-            self._sock_lock.release()
-            beats.join(timeout=5)
+            try:
+                self._shutdown()
+            finally:
+                self._sock_lock.release()
+                beats.join(timeout=5)
 
     def _step(self) -> list[ReqOutput]:
         """One engine step, with the control socket left to the step-heartbeat thread meanwhile."""
