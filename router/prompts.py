@@ -73,6 +73,9 @@ def encode_prompts(tok: Tokenizer, prompt: Prompt) -> list[list[int]]:
     lists = [list(prompt)] if isinstance(prompt[0], int) else [list(p) for p in prompt]
     if any(not ids or min(ids) < 0 for ids in lists):
         raise APIError(400, "prompt holds an empty or negative token list", param="prompt")
+    if (top := max(max(ids) for ids in lists)) >= tok.vocab_size:
+        raise APIError(400, f"prompt token id {top} is outside the vocabulary (size {tok.vocab_size})",
+                       param="prompt")
     return lists
 
 

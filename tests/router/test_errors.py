@@ -115,6 +115,9 @@ def test_bad_chat_parameters_are_400(api, fields: dict, param: str) -> None:
     ({"logprobs": 21}, "logprobs"),
     ({"prompt": []}, "prompt"),
     ({"prompt": [[1], []]}, "prompt"),
+    ({"prompt": [1, -2]}, "prompt"),
+    ({"prompt": [[1], [49152]]}, "prompt"),  # the embedded model's vocabulary is 0..49151
+    ({"prompt": [2**70]}, "prompt"),
 ])
 def test_bad_completion_parameters_are_400(api, fields: dict, param: str) -> None:
     check_error(post(api, "/v1/completions", {"prompt": "x", **fields}), 400, param)
