@@ -140,3 +140,45 @@ def test_the_printed_examples_run_as_pasted(server):
     assert json.loads(out.stdout)["choices"][0]["message"]["content"]
     out = subprocess.run(py, shell=True, capture_output=True, text=True, timeout=150)
     assert out.returncode == 0 and out.stdout.strip(), out.stderr
+
+
+def test_fuzzed_sampling_parameters_never_break_the_engine(server):
+    """Random (well-typed, often out-of-range) sampling parameters against the real engine: a response or a
+    4xx OpenAI error each time, the workers stay healthy, and no KV page leaks."""
+    import json
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    floats = st.one_of(st.floats(-3, 3), st.sampled_from([0.0, 1.0, 1e-9, 2.0, 1e6, -1e6]))
+    ints = st.one_of(st.integers(-2, 40), st.sampled_from([0, 1, 49151, 49152, 2**31]))
+    fields = st.fixed_dictionaries({}, optional={
+        "temperature": floats, "top_p": floats, "top_k": ints, "min_p": floats, "seed": ints, "n": ints,
+        "frequency_penalty": floats, "presence_penalty": floats, "repetition_penalty": floats,
+        "min_tokens": ints, "logprobs": st.one_of(st.booleans(), ints), "top_logprobs": ints,
+        "stop": st.one_of(st.text(max_size=4), st.lists(st.text(max_size=4), max_size=4)),
+        "stop_token_ids": st.lists(ints, max_size=3), "ignore_eos": st.booleans(), "stream": st.booleans(),
+        "skip_special_tokens": st.booleans(),
+        "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}])})
+
+    @settings(max_examples=100, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(fields=fields, max_tokens=st.integers(1, 4), chat=st.booleans())
+    def run(fields, max_tokens, chat):
+        if not chat:
+            fields.pop("top_logprobs", None)
+            if isinstance(fields.get("logprobs"), bool):
+                fields.pop("logprobs")
+        body = {"model": MODEL, "max_tokens": max_tokens, **fields}
+        body.update({"messages": QUESTION} if chat else {"prompt": "The capital of France is"})
+        r = httpx.post(f"{server}/v1/{'chat/completions' if chat else 'completions'}", json=body, timeout=120)
+        assert r.status_code in (200, 400, 422), (body, r.status_code, r.text[:300])
+        if r.status_code != 200:
+            assert r.json()["error"]["message"], body
+        elif body.get("stream"):
+            events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]" and all("error" not in json.loads(e) for e in events[:-1]), r.text[-300:]
+
+    run()
+    assert all(w["healthy"] for w in get_json(f"{server}/workers"))
+    wait_idle_no_leaks(server)

@@ -50,7 +50,7 @@ class Sampler:
         raw = logits.float()
         if all(_plain_greedy(r) for r in rows):
             return SampleOutput(raw.argmax(dim=-1).tolist(), [None] * len(rows))
-        work = apply_penalties(mask_stop_tokens(raw.clone(), rows), rows)
+        work = _finite(apply_penalties(mask_stop_tokens(raw.clone(), rows), rows))
         tokens = _choose(work, rows)
         token_ids = tokens.tolist()
         return SampleOutput(token_ids, _logprobs(raw, tokens, token_ids, rows))
@@ -157,8 +157,9 @@ def apply_top_p(logits: torch.Tensor, top_p: Sequence[float]) -> torch.Tensor:
     index = _select(picked, len(top_p), logits.device)
     sub = logits[index]
     probs, order = sub.softmax(dim=-1).sort(dim=-1, descending=True)
-    mass_above = probs.cumsum(dim=-1) - probs  # exactly 0 for the top token, so it is always kept
+    mass_above = probs.cumsum(dim=-1) - probs
     drop_sorted = mass_above >= _column([top_p[i] for i in picked], probs)
+    drop_sorted[:, 0] = False  # the top token always stays, also for a top_p that rounds to 0 in this dtype
     drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
     logits[index] = sub.masked_fill(drop, float("-inf"))
     return logits
@@ -212,11 +213,21 @@ def _choose(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
 
 def _sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     params = [r.params for r in rows]
-    scaled = logits / _column([p.temperature for p in params], logits)
+    scaled = _finite(logits / _column([p.temperature for p in params], logits))
     apply_top_k(scaled, [p.top_k for p in params])
     apply_top_p(scaled, [p.top_p for p in params])
     apply_min_p(scaled, [p.min_p for p in params])
-    return inverse_cdf_sample(scaled.softmax(dim=-1), draw_uniforms([r.generator for r in rows]))
+    probs = scaled.softmax(dim=-1)
+    broken = ~(probs.sum(dim=-1) > 0)  # NaN or nothing left (a row of -inf): take its largest logit instead
+    if broken.any():
+        probs[broken] = torch.nn.functional.one_hot(scaled[broken].argmax(dim=-1), probs.shape[1]).to(probs.dtype)
+    return inverse_cdf_sample(probs, draw_uniforms([r.generator for r in rows]))
+
+
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """In place: NaN -> -inf and +inf -> the largest finite value, which extreme but valid parameters produce
+    (a repetition_penalty that rounds to 0 divides by it, a temperature just above greedy overflows)."""
+    return torch.nan_to_num_(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max, neginf=float("-inf"))
 
 
 def _logprobs(

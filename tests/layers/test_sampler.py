@@ -158,6 +158,30 @@ def test_top_p_mask_matches_reference(seed: int) -> None:
     assert torch.isfinite(masked[0]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_top_p_that_rounds_to_zero_keeps_the_top_token(dtype: torch.dtype) -> None:
+    # 4e-217 is 0 in float32: "mass above >= top_p" then held for the top token too (found by fuzzing the API)
+    logits = random_logits(3, 100, seed=5).to(dtype)
+    masked = apply_top_p(logits.clone(), [4e-217, 1e-300, 1e-45])
+    assert (torch.isfinite(masked).sum(dim=-1) == 1).all()
+    assert torch.equal(masked.float().argmax(dim=-1), logits.float().argmax(dim=-1))
+
+
+def test_extreme_but_valid_parameters_sample_a_real_token() -> None:
+    # a repetition_penalty that is 0 in float32 divides logits by zero (inf, NaN); found by fuzzing the API
+    vocab = 50
+    logits = random_logits(4, vocab, seed=3)
+    logits[:, 7] = 0.0  # 0 / 0 = NaN under the penalty
+    params = [SamplingParams(temperature=1.0, repetition_penalty=2e-55, seed=0, max_tokens=4),
+              SamplingParams(temperature=1.0, repetition_penalty=2e-55, seed=1, max_tokens=4),
+              SamplingParams(temperature=1.0001e-5, seed=9, max_tokens=4),
+              SamplingParams(temperature=2.0, top_p=1e-300, min_p=1.0, seed=1, max_tokens=4, logprobs=2)]
+    rows = [seeded(p, prompt_ids=list(range(vocab))) for p in params]
+    out = Sampler()(logits, rows)
+    assert all(0 <= t < vocab for t in out.token_ids)
+    assert out.token_ids[3] == int(logits[3].argmax())
+
+
 def test_top_p_on_already_masked_rows() -> None:
     logits = random_logits(4, 200, seed=7)
     ks, ps = [5, 50, 1, 199], [0.8, 0.7, 0.5, 0.9]
