@@ -140,3 +140,44 @@ def test_reasoning_then_tool_call_and_no_reasoning(piece: int) -> None:
 def test_prompt_opens_thinking() -> None:
     assert prompt_opens_thinking("<|im_start|>assistant\n<think>\n")
     assert not prompt_opens_thinking("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+# ------------------------------------------------------------------------------ property: split anywhere
+_FRAGMENTS = ["Let me check.", " ", "\n", "<tool_call>", "</tool_call>", "<think>", "</think>", "<", "<tool",
+              "</", "call>", '{"name": "get_weather", "arguments": {"city": "Zürich"}}', '{"name": "f"}',
+              '{"arguments": 1}', "{", "}", '"', "Zürich", "ü", "It is sunny.", "<tool_call>\n", "\n</tool_call>"]
+
+
+def _without_ids(merged: dict) -> dict:
+    calls = [{k: v for k, v in c.items() if k != "id"} for c in merged.get("tool_calls", [])]
+    return {**merged, **({"tool_calls": calls} if calls else {})}
+
+
+def _split_runs(make, text: str, cuts: list[int], reason: str) -> tuple[dict, str]:
+    proc, merged = make(), {}
+    bounds = [0, *sorted({c % (len(text) + 1) for c in cuts}), len(text)]
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        merge(merged, proc.feed(text[a:b]))
+    rest, reason = proc.finish(reason)
+    merge(merged, rest)
+    return _without_ids(merged), reason
+
+
+def test_any_split_of_any_output_parses_as_the_whole_text() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    makers = {"tools": tools_parser(), "think": lambda: ThinkSplitter(PlainText()),
+              "think+tools": lambda: ThinkSplitter(ToolCallParser(PlainText())),
+              "opened think+tools": lambda: ThinkSplitter(ToolCallParser(PlainText()), open_in_prompt=True)}
+
+    @settings(max_examples=400, deadline=None, derandomize=True, database=None)
+    @given(parts=st.lists(st.sampled_from(_FRAGMENTS), max_size=12), cuts=st.lists(st.integers(0, 400), max_size=8),
+           kind=st.sampled_from(sorted(makers)), reason=st.sampled_from(["stop", "length"]))
+    def check(parts, cuts, kind, reason):
+        text = "".join(parts)
+        whole = _split_runs(makers[kind], text, [], reason)
+        assert _split_runs(makers[kind], text, cuts, reason) == whole, (text, cuts)
+        assert _split_runs(makers[kind], text, list(range(len(text))), reason) == whole, text  # one char at a time
+
+    check()
