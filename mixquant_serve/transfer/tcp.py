@@ -116,8 +116,8 @@ class TcpReceiver(KVReceiver):
 
     def _apply(self, t: Transfer, chunk: KVChunk, payload: list) -> None:
         why = self.check_chunk(t, chunk)
-        if why is None and (len(payload) != 2 or sum(len(f.buffer) for f in payload) != chunk.nbytes):
-            why = "payload size does not match its header"
+        if why is None and (len(payload) != 2 or any(len(f.buffer) * 2 != chunk.nbytes for f in payload)):
+            why = "payload size does not match its header (one K and one V frame of half the bytes each)"
         if why is not None:
             t.end(TransferState.FAILED, f"refused a KV chunk from {t.peer}: {why}")
             return
