@@ -76,6 +76,7 @@ class Worker:
         self._sock_lock = threading.Lock()  # held by the loop thread except while it runs a step
         self._step_started: float | None = None
         self._last_stats: WorkerStats | None = None
+        self._last_beat = 0.0  # when WorkerStats last went out, from either thread
         self._beats_stop = threading.Event()
 
     # -- what the router sees ---------------------------------------------------------------------
@@ -153,16 +154,19 @@ class Worker:
             self._step_started = None
 
     def _beat_during_steps(self) -> None:
-        """Repeat the latest WorkerStats while the loop thread is in a step longer than a heartbeat."""
-        while not self._beats_stop.wait(self.heartbeat_s):
-            started = self._step_started
-            if started is None or time.monotonic() - started < self.heartbeat_s or self._last_stats is None:
+        """While the loop thread is in a step, repeat the latest WorkerStats whenever a heartbeat is due
+        (checked four times a heartbeat, so the router never waits much longer than one)."""
+        while not self._beats_stop.wait(self.heartbeat_s / 4):
+            if self._step_started is None or self._last_stats is None:
+                continue
+            if time.monotonic() - self._last_beat < self.heartbeat_s:
                 continue
             if not self._sock_lock.acquire(blocking=False):  # the step just ended: the loop beats itself
                 continue
             try:
                 if self._step_started is not None:
                     self.sock.broadcast(self._last_stats)
+                    self._last_beat = time.monotonic()
             except zmq.ZMQError as e:
                 log.warning("step heartbeat not sent: %s", e)
             finally:
@@ -231,6 +235,7 @@ class Worker:
             self._next_beat = now + self.heartbeat_s
             self._last_stats = self.stats()
             self.sock.broadcast(self._last_stats)
+            self._last_beat = now
             if self._inserted or self._evicted:
                 self.sock.broadcast(self._cache_events(snapshot=False))
             if self.registrar:
