@@ -33,19 +33,16 @@ import math
 import os
 import platform
 import random
-import signal
-import socket
 import statistics
 import subprocess
-import sys
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Any
+
+from mixquant_serve.launcher import launched_subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -220,47 +217,6 @@ def get_json(url: str, timeout: float = 10.0) -> Any:
         return json.loads(r.read())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def launched(args: list[str], log_path: Path, timeout: float = 600.0) -> Iterator[str]:
-    """`mixquant-serve launch ARGS` on a free port until every worker is healthy; SIGTERM at the end."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "mixquant_serve.cli", "launch", "--port", str(port), *args]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + timeout
-            while not _ready(base):
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the launcher exited with {proc.returncode}; see {log_path}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the cluster was not healthy within {timeout:.0f} s; see {log_path}")
-                time.sleep(0.5)
-            yield base
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _ready(base: str) -> bool:
-    try:
-        workers = get_json(base + "/workers", timeout=2)
-    except (OSError, ValueError):
-        return False
-    return bool(workers) and all(w["healthy"] for w in workers)
-
-
 COUNTERS = ("computed_prefill_tokens", "cached_tokens", "prompt_tokens", "remote_prefill_tokens",
             "kv_bytes_sent", "kv_bytes_received", "generated_tokens")
 
@@ -402,7 +358,7 @@ def run_config(name: str, policy: str, threshold: int, args: argparse.Namespace,
               "--max-total-tokens", str(args.max_total_tokens), *args.launch_arg]
     print(f"[{name}] launching: {' '.join(launch)}", flush=True)
     log = Path(args.log_dir) / f"agent_sessions-{name.replace(' ', '_').replace('=', '')}.log"
-    with launched(launch, log) as base:
+    with launched_subprocess(launch, log) as base:
         model = get_json(base + "/v1/models")["data"][0]["id"]
         asyncio.run(warm_up(base, model, args.decode_workers, count))
         before = worker_counters(get_json(base + "/workers"))

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from mixquant_serve.cli_args import engine_args_to_argv
@@ -144,18 +145,11 @@ class Cluster:
         while time.monotonic() < deadline:
             if dead := [c for c in self.children if c.exited is not None]:
                 raise RuntimeError(f"{dead[0].name} exited with code {dead[0].exited} during start-up")
-            workers = self._workers()
+            workers = router_workers(self.url)
             if workers is not None and len(workers) == self.spec.num_workers and all(w["healthy"] for w in workers):
                 return
             time.sleep(0.5)
         raise RuntimeError(f"the cluster was not healthy within {timeout:.0f} s")
-
-    def _workers(self) -> list[dict] | None:
-        try:
-            with urllib.request.urlopen(f"{self.url}/workers", timeout=2) as r:
-                return json.loads(r.read())
-        except (OSError, ValueError):
-            return None
 
     def stop(self, grace: float = 10.0) -> None:
         """Router first (no new requests), then workers; SIGKILL whatever outlives the grace period."""
@@ -192,6 +186,43 @@ class Cluster:
                         return 1
             time.sleep(0.5)
         return 0
+
+
+def router_workers(url: str) -> list[dict] | None:
+    """The router's GET /workers, or None while it does not answer."""
+    try:
+        with urllib.request.urlopen(f"{url}/workers", timeout=2) as r:
+            return json.loads(r.read())
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def launched_subprocess(args: Sequence[str], log_path: str | os.PathLike | None = None,
+                        timeout: float = 600.0) -> Iterator[str]:
+    """`mixquant-serve launch ARGS` as a child process on a free port (for tests and benchmarks): yields the
+    base URL once every worker is healthy; SIGTERM (then SIGKILL) at the end. Output goes to log_path."""
+    port = free_port()
+    with open(log_path or os.devnull, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "mixquant_serve.cli", "launch", "--port", str(port), *args],
+                                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout
+            while not ((workers := router_workers(url)) and all(w["healthy"] for w in workers)):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the launcher exited with {proc.returncode} (log: {log_path or '-'})")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the cluster was not healthy within {timeout:.0f} s (log: {log_path or '-'})")
+                time.sleep(0.5)
+            yield url
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def _client_python() -> str:

@@ -97,7 +97,7 @@ class SamplingDefaults:
         for f in dataclasses.fields(cls):
             value = gen.get(f.name) if isinstance(gen, dict) else None
             if isinstance(value, int | float) and not isinstance(value, bool):
-                found[f.name] = int(value) if f.type == "int" else float(value)
+                found[f.name] = type(f.default)(value)  # int for top_k, float for the others
         defaults = cls(**found)
         try:
             defaults.params().validate()

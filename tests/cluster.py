@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mixquant_serve.launcher import free_port, launched_subprocess
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get_json(url: str, timeout: float = 5.0):
@@ -30,37 +25,12 @@ def get_json(url: str, timeout: float = 5.0):
 
 @contextmanager
 def launched(*args: str, timeout: float = 300.0) -> Iterator[str]:
-    """`mixquant-serve launch ARGS` on a free port; yields the base URL, stops it with SIGTERM."""
-    port = free_port()
-    log_path = ROOT / ".pytest_cache" / f"cluster-{port}.log"
-    log = open(log_path, "w") if log_path.parent.is_dir() else subprocess.DEVNULL  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen([sys.executable, "-m", "mixquant_serve.cli", "launch", "--port", str(port), *args],
-                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"launcher exited with {proc.returncode} (log: {getattr(log, 'name', '-')})")
-            try:
-                workers = get_json(f"{url}/workers")
-                if workers and all(w["healthy"] for w in workers):
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("cluster did not become healthy")
-            time.sleep(0.5)
+    """`mixquant-serve launch ARGS` on a free port; yields the base URL, stops it with SIGTERM. The log goes to
+    .pytest_cache/cluster-<n>.log."""
+    logs = ROOT / ".pytest_cache"
+    log_path = logs / f"cluster-{free_port()}.log" if logs.is_dir() else None
+    with launched_subprocess(args, log_path, timeout) as url:
         yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if log is not subprocess.DEVNULL:
-            log.close()
 
 
 def wait_idle_no_leaks(url: str, timeout: float = 15.0) -> list[dict]:

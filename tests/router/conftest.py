@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,20 +124,28 @@ class Cluster:
             w.fail_remote = None
 
 
+@contextmanager
+def scripted_router(model_dir: Path, tokenizer: Tokenizer, log_path: Path, *router_flags: str, workers: int = 2,
+                    prefix: str = "w", **worker_kw: object) -> Iterator[tuple[RouterProcess, list[ScriptedWorker]]]:
+    """`workers` scripted workers (ids prefix0, prefix1, ...) behind one ready router; all stopped afterwards."""
+    started = [ScriptedWorker(tokenizer, f"{prefix}{i}", **worker_kw).start() for i in range(workers)]
+    router = RouterProcess(model_dir, [w.address for w in started], log_path, *router_flags)
+    try:
+        yield router.wait_ready(), started
+    finally:
+        router.stop()
+        for w in started:
+            w.stop()
+
+
 @pytest.fixture(scope="session")
 def cluster(tokenizer_dir: Path, tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[Cluster]:
     """Two scripted workers behind one router (64 KiB body limit, 8 requests in flight at most)."""
-    workers = [ScriptedWorker(tokenizer, f"w{i}").start() for i in range(2)]
     log = tmp_path_factory.mktemp("logs") / "router.log"
-    router = RouterProcess(tokenizer_dir, [w.address for w in workers], log, "--max-request-bytes", "65536",
-                           "--max-pending-requests", "8", "--worker-timeout", "1.5")
-    try:
-        yield Cluster(router.wait_ready(), workers, tokenizer_dir.name)
-    finally:
-        router.stop()
-        for w in workers:
-            w.stop()
+    with scripted_router(tokenizer_dir, tokenizer, log, "--max-request-bytes", "65536", "--max-pending-requests",
+                         "8", "--worker-timeout", "1.5") as (router, workers):
+        yield Cluster(router, workers, tokenizer_dir.name)
 
 
 @pytest.fixture

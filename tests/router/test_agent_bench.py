@@ -11,8 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import REPO, RouterProcess
-from scripted_worker import ScriptedWorker
+from conftest import REPO, scripted_router
 
 from mixquant_serve.tokenizer import Tokenizer
 from router.tools import builtin_tool_template
@@ -30,15 +29,9 @@ def bench():
 @pytest.fixture(scope="module")
 def roomy(tokenizer, tokenizer_dir, tmp_path_factory):
     """A router with two scripted workers whose context fits the agents' histories."""
-    workers = [ScriptedWorker(tokenizer, f"b{i}", context_length=4096).start() for i in range(2)]
-    router = RouterProcess(tokenizer_dir, [w.address for w in workers],
-                           tmp_path_factory.mktemp("bench") / "router.log", "--served-model-name", "m")
-    try:
-        yield router.wait_ready(), workers
-    finally:
-        router.stop()
-        for w in workers:
-            w.stop()
+    with scripted_router(tokenizer_dir, tokenizer, tmp_path_factory.mktemp("bench") / "router.log",
+                         "--served-model-name", "m", prefix="b", context_length=4096) as pair:
+        yield pair
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import RouterProcess
-from scripted_worker import ScriptedWorker
+from conftest import scripted_router
 
 from router.openai_api import ChatCompletionRequest
 from router.params import SamplingDefaults, base_params
@@ -42,16 +41,12 @@ def test_the_router_applies_the_chosen_defaults(source: str, tokenizer_dir: Path
     model = tmp_path / tokenizer_dir.name
     shutil.copytree(tokenizer_dir, model)
     (model / "generation_config.json").write_text(json.dumps(QWEN3_STYLE))
-    worker = ScriptedWorker(tokenizer, "w0").start()
-    router = RouterProcess(model, [worker.address], tmp_path / "router.log", "--sampling-defaults", source)
-    try:
-        client = router.wait_ready().client()
+    with scripted_router(model, tokenizer, tmp_path / "router.log", "--sampling-defaults", source,
+                         workers=1) as (router, (worker,)):
+        client = router.client()
         client.chat.completions.create(model=model.name, messages=MSG, max_tokens=2)
         client.chat.completions.create(model=model.name, messages=MSG, max_tokens=2, temperature=0.2)
         first, second = (g.params for g in worker.generate_reqs())
         expected = (0.6, 0.95, 20) if source == "model" else (1.0, 1.0, -1)
         assert (first.temperature, first.top_p, first.top_k) == expected
         assert (second.temperature, second.top_p, second.top_k) == (0.2, *expected[1:])
-    finally:
-        router.stop()
-        worker.stop()

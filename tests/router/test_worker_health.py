@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from conftest import RouterProcess, wait_for
+from conftest import RouterProcess, scripted_router, wait_for
 from scripted_worker import ScriptedWorker
 
 from mixquant_serve.tokenizer import Tokenizer
@@ -22,15 +22,9 @@ MESSAGES = [{"role": "user", "content": "hello"}]
 @pytest.fixture
 def pair(tokenizer_dir, tokenizer: Tokenizer, tmp_path
          ) -> Iterator[tuple[RouterProcess, list[ScriptedWorker]]]:
-    workers = [ScriptedWorker(tokenizer, f"h{i}", heartbeat_s=0.1).start() for i in range(2)]
-    router = RouterProcess(tokenizer_dir, [w.address for w in workers], tmp_path / "router.log",
-                           "--worker-timeout", str(TIMEOUT), "--served-model-name", "x")
-    try:
-        yield router.wait_ready(), workers
-    finally:
-        router.stop()
-        for w in workers:
-            w.stop()
+    with scripted_router(tokenizer_dir, tokenizer, tmp_path / "router.log", "--worker-timeout", str(TIMEOUT),
+                         "--served-model-name", "x", prefix="h", heartbeat_s=0.1) as pair:
+        yield pair
 
 
 def health(router: RouterProcess) -> httpx.Response:
