@@ -45,7 +45,8 @@ class Grammars:
         return m
 
     def allowed(self, matcher) -> torch.Tensor:
-        """Bool [vocab_size]: the tokens the matcher accepts next."""
+        """Bool [vocab_size]: the tokens the matcher accepts next. (llguidance.torch's own mask kernel is
+        torch.compile'd, which needs a C++ compiler on CPU; this is the same bit unpacking, uncompiled.)"""
         packed = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)
         return ((packed.unsqueeze(1) >> self._bits) & 1).flatten()[: self.vocab_size].bool()
 
