@@ -21,7 +21,12 @@ _HELP = {
     "quantized_model_path": "pre-quantized checkpoint for the prefill precision (Model Optimizer or "
                             "compressed-tensors NVFP4); default: quantize --model-path at load time",
     "max_total_tokens": "KV cache size in tokens (default: from --cpu-kv-cache-gb or --mem-fraction-static)",
-    "chunked_prefill_size": "token budget of one prefill step (long prompts are chunked)",
+    "chunked_prefill_size": "token budget of one prefill step (long prompts are chunked); "
+                            "default 8192 on a GPU, 2048 on CPU",
+    "max_running_requests": "requests running at once; default 256 on a GPU, 64 on CPU",
+    "attention_backend": "attention kernels: triton (default on CUDA), torch_ref (default on CPU)",
+    "disable_cuda_graph": "run the decode step eagerly instead of replaying CUDA graphs",
+    "cuda_graph_max_bs": "largest decode batch captured in a CUDA graph (default: --max-running-requests)",
     "context_length": "longest prompt + output (default: the model's max_position_embeddings)",
 }
 

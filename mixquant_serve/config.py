@@ -150,11 +150,14 @@ class EngineConfig:
     cpu_kv_cache_gb: float = 2.0
     mem_fraction_static: float = 0.85
     enable_prefix_caching: bool = True
-    # scheduling
-    max_running_requests: int = 64
-    chunked_prefill_size: int = 2048
+    # scheduling ("auto" (None) values depend on the device: see engine.resolve_config)
+    max_running_requests: int | None = None
+    chunked_prefill_size: int | None = None
     context_length: int | None = None
     attention_backend: str = "auto"
+    # CUDA graphs of the decode step, captured for batch sizes up to cuda_graph_max_bs
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -166,10 +169,12 @@ class EngineConfig:
                 raise ConfigError(f"--{phase}-precision must be one of {PRECISIONS}, got {p!r}")
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
             raise ConfigError(f"--page-size must be a power of two, got {self.page_size}")
-        if self.chunked_prefill_size < self.page_size:
+        if self.chunked_prefill_size is not None and self.chunked_prefill_size < self.page_size:
             raise ConfigError("--chunked-prefill-size must be at least one page")
-        if self.max_running_requests < 1:
+        if self.max_running_requests is not None and self.max_running_requests < 1:
             raise ConfigError("--max-running-requests must be at least 1")
+        if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 1:
+            raise ConfigError("--cuda-graph-max-bs must be at least 1")
 
     @property
     def precisions(self) -> tuple[str, ...]:

@@ -1,20 +1,26 @@
-"""Shared test set-up: GPU tests are skipped without CUDA."""
+"""Shared test set-up: GPU tests are skipped without CUDA; without one, Triton kernels run in its interpreter.
+
+Triton reads TRITON_INTERPRET when a kernel is decorated, so it is set here, before any test module
+imports a kernel. On CPU the interpreter computes in float16 and float32 like the GPU, but not in bfloat16
+(its casts to bfloat16 truncate instead of rounding, and bf16 ``tl.dot`` is wrong): DOT_DTYPES lists the
+dtypes a kernel test may use on this machine, bfloat16 only on a GPU.
+"""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 
-
-def _has_cuda() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+DOT_DTYPES = (torch.float16, torch.float32, torch.bfloat16) if ON_GPU else (torch.float16, torch.float32)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if _has_cuda():
+    if ON_GPU:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

@@ -6,42 +6,20 @@ built in the test, so nothing has to be downloaded or carried.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from cluster import WorkerProc
+from random_qwen3 import TEXT, build_random_qwen3
 
 from mixquant_serve import Engine, SamplingParams
 
 pytestmark = pytest.mark.gpu
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-TEXT = [f"agent step {i}: read file {i % 7}, found {i * 3} errors, retrying the tool call" for i in range(400)]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, Qwen3Config
-
-    folder = tmp_path_factory.mktemp("qwen3-random")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
-    torch.manual_seed(0)
-    cfg = Qwen3Config(vocab_size=640, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=2048)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.05)
-    model.save_pretrained(folder)
-    return str(folder)
+    return build_random_qwen3(tmp_path_factory.mktemp("qwen3-random"))
 
 
 def prompts(engine: Engine) -> list[list[int]]:

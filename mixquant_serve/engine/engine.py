@@ -70,9 +70,15 @@ def resolve_config(config: EngineConfig) -> tuple[EngineConfig, ModelConfig]:
     if ctx > mcfg.max_position_embeddings:
         raise ConfigError(f"--context-length {ctx} exceeds the model's max_position_embeddings "
                           f"{mcfg.max_position_embeddings}")
-    backend = config.attention_backend if config.attention_backend != "auto" else "torch_ref"
-    return dataclasses.replace(config, device=device, dtype=dtype, context_length=ctx,
-                               attention_backend=backend), mcfg
+    gpu = device.startswith("cuda")
+    backend = config.attention_backend if config.attention_backend != "auto" else (
+        "triton" if gpu else "torch_ref")
+    running = config.max_running_requests or (256 if gpu else 64)
+    return dataclasses.replace(
+        config, device=device, dtype=dtype, context_length=ctx, attention_backend=backend,
+        max_running_requests=running, chunked_prefill_size=config.chunked_prefill_size or (8192 if gpu else 2048),
+        disable_cuda_graph=config.disable_cuda_graph or not gpu,
+        cuda_graph_max_bs=min(config.cuda_graph_max_bs or running, running)), mcfg
 
 
 class Engine:
@@ -100,6 +106,10 @@ class Engine:
         log.info("engine ready: %s on %s, prefill=%s decode=%s, %d KV pages of %d tokens, weights %s",
                  self.model_config.architecture, cfg.device, cfg.prefill_precision, cfg.decode_precision,
                  self.pool.capacity, cfg.page_size, self.weight_summary())
+        log.info("engine settings: attention=%s, chunked prefill %d tokens, up to %d running requests, "
+                 "context %d, decode CUDA graphs %s", cfg.attention_backend, cfg.chunked_prefill_size,
+                 cfg.max_running_requests, cfg.context_length,
+                 "off" if cfg.disable_cuda_graph else f"up to batch {cfg.cuda_graph_max_bs}")
 
     # -- streaming interface ----------------------------------------------------------------------
     def add_request(self, rid: str, prompt_ids: Sequence[int], params: SamplingParams, *,

@@ -1,17 +1,21 @@
 """Holds the model, the KV storage and the attention backend; turns a Batch into logits.
 
 The batch's phase picks the precision its linear layers run in (the forward context carries it).
+Host inputs travel to the device in one pinned, non-blocking copy; on CUDA a decode batch replays a
+captured graph (`engine/cuda_graph.py`) unless the graphs are disabled or the batch is larger than
+the largest one captured.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 
 import torch
 
 from mixquant_serve.config import ConfigError, EngineConfig, KVLayout, ModelConfig
-from mixquant_serve.engine.scheduler import Batch
+from mixquant_serve.engine.scheduler import Batch, Phase
 from mixquant_serve.kvcache.storage import KVStorage, dtype_name
 from mixquant_serve.layers.attention.base import SeqSlice, create_attention_backend
 from mixquant_serve.layers.forward_context import ForwardContext, forward_context
@@ -33,6 +37,13 @@ class ModelRunner:
         self.storage = KVStorage(self.layout, self._num_pages(), device)
         self.attn = create_attention_backend(config.attention_backend, self.storage, model_config.num_heads,
                                              model_config.num_kv_heads, model_config.head_dim, device)
+        self.graphs = None
+        if not config.disable_cuda_graph:
+            from mixquant_serve.engine.cuda_graph import DecodeGraphs
+
+            max_pages = -(-config.context_length // config.page_size)
+            self.graphs = DecodeGraphs(self.model, self.attn, config.decode_precision, config.cuda_graph_max_bs,
+                                       max_pages, device)
 
     def _num_pages(self) -> int:
         cfg = self.config
@@ -65,13 +76,25 @@ class ModelRunner:
             ids.extend(req.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             seqs.append(SeqSlice(req.pages, start, n))
+        ends = [e - 1 for e in itertools.accumulate(batch.lengths)]
+        rows = [e for e, s in zip(ends, batch.sample, strict=True) if s]
+        input_ids, pos, row_index = self._to_device(ids, positions, rows)
+        if self._graph_fits(batch, precision, layer_done):
+            return self.graphs.run(input_ids, pos, seqs)
         meta = self.attn.plan(seqs)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         with forward_context(ForwardContext(precision, self.attn, meta, layer_done)):
             hidden = self.model(input_ids, pos)
-        ends = torch.tensor(batch.lengths).cumsum(0) - 1
-        rows = ends[torch.tensor(batch.sample, dtype=torch.bool)]
-        if rows.numel() == 0:
+        if not rows:
             return None
-        return self.model.compute_logits(hidden[rows.to(self.device)]).float()
+        return self.model.compute_logits(hidden[row_index]).float()
+
+    def _graph_fits(self, batch: Batch, precision: str, layer_done: Callable[[int], None] | None) -> bool:
+        return (self.graphs is not None and batch.phase is Phase.DECODE and layer_done is None
+                and precision == self.graphs.precision and self.graphs.padded_size(len(batch.reqs)) is not None)
+
+    def _to_device(self, *lists: list[int]) -> list[torch.Tensor]:
+        """int64 device tensors of the given lists, sent in one copy (pinned and asynchronous on CUDA)."""
+        host = torch.tensor(list(itertools.chain(*lists)), dtype=torch.long)
+        if self.device.type == "cuda":
+            host = host.pin_memory().to(self.device, non_blocking=True)
+        return list(host.split([len(x) for x in lists]))

@@ -1,4 +1,4 @@
-"""Gated activation of the MLP: act(gate) * up over a merged [.., 2*I] projection."""
+"""Gated activation of the MLP: act(gate) * up over a merged [.., 2*I] projection (SiLU on CUDA: one kernel)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,12 @@ class GatedAct(nn.Module):
         if name not in _ACTS:
             raise ConfigError(f"unsupported hidden_act {name!r}; supported: {sorted(_ACTS)}")
         self.act = _ACTS[name]
+        self.name = name
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if gate_up.is_cuda and self.name == "silu":
+            from mixquant_serve.kernels.silu_mul import silu_mul
+
+            return silu_mul(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         return self.act(gate) * up

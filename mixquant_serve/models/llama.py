@@ -32,15 +32,13 @@ class LlamaAttention(nn.Module):
         self.rotary = [rotary]  # a list keeps the shared module out of this module's parameters
         self.attn = Attention(layer_id)
 
-    def qk_norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return q, k
+    def qk_norm(self) -> tuple[RMSNorm, RMSNorm] | None:
+        """Per-head norms of q and k applied before the rotation (Qwen3), or None."""
+        return None
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.output_sizes, dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary[0](positions, *self.qk_norm(q, k))
+        q, k, v = self.rotary[0].rotate_qkv(positions, self.qkv_proj(x), self.num_heads, self.num_kv_heads,
+                                            self.head_dim, self.qk_norm())
         return self.o_proj(self.attn(q, k, v))
 
 
@@ -68,9 +66,16 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype).to(device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype).to(device)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x))
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions: torch.Tensor, x: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the MLP's output and the residual stream; the next layer's norm adds them."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_norm(x, residual)
+        h = self.self_attn(positions, h)
+        h, residual = self.post_attention_layernorm.add_norm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -88,13 +93,13 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype).to(device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         layer_done = get_forward_context().layer_done
         for i, layer in enumerate(self.layers):
-            x = layer(positions, x)
+            x, residual = layer(positions, x, residual)
             if layer_done is not None:
                 layer_done(i)
-        return self.norm(x)
+        return self.norm.add_norm(x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):

@@ -19,8 +19,8 @@ class Qwen3Attention(LlamaAttention):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype).to(device)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype).to(device)
 
-    def qk_norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.q_norm(q), self.k_norm(k)
+    def qk_norm(self) -> tuple[RMSNorm, RMSNorm]:
+        return self.q_norm, self.k_norm
 
 
 class Qwen3DecoderLayer(LlamaDecoderLayer):

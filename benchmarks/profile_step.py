@@ -1,0 +1,95 @@
+"""Where a prefill and a decode step spend their GPU time: torch.profiler's kernel table for the engine.
+
+    python benchmarks/profile_step.py --model-dir /tmp/q8b --prefill-tokens 8192 --precisions bf16,fp8 \
+        --decode-batch 1 --decode-context 1024 --out $OUT
+
+Builds (or reuses) the Qwen3-8B-shaped random checkpoint of the speed benchmarks, then for each precision
+profiles one prefill of --prefill-tokens tokens and --decode-steps decode steps of a batch already in the
+prefix cache. Prints, per phase, the GPU kernels by total time (count, total, share) and the GPU-busy time
+against the wall time, so that the gap between kernels (launch and host overhead) shows too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _gpu_common import add_common_args, free_memory, make_engine, model_folder, parse_engine_args, prompt_maker
+
+from mixquant_serve import SamplingParams
+
+
+def kernel_table(prof: torch.profiler.profile, wall_ms: float, top: int) -> str:
+    totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            t = totals[ev.name[:90]]
+            t[0] += 1
+            t[1] += ev.device_time_total / 1000 if hasattr(ev, "device_time_total") else ev.cuda_time_total / 1000
+    busy = sum(v[1] for v in totals.values())
+    lines = [f"GPU busy {busy:.2f} ms of {wall_ms:.2f} ms wall ({100 * busy / max(wall_ms, 1e-9):.0f}%)",
+             f"{'kernel':90s} {'count':>6s} {'ms':>9s} {'share':>6s}"]
+    for name, (count, ms) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"{name:90s} {count:6d} {ms:9.3f} {100 * ms / max(busy, 1e-9):5.1f}%")
+    return "\n".join(lines)
+
+
+def profiled(fn, device: str) -> tuple[torch.profiler.profile, float]:
+    fn()  # warm-up: compilation, graph capture paths, allocator
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) * 1000
+    return prof, wall
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--precisions", default="bf16")
+    p.add_argument("--prefill-tokens", type=int, default=8192)
+    p.add_argument("--decode-batch", type=int, default=1)
+    p.add_argument("--decode-context", type=int, default=1024)
+    p.add_argument("--decode-steps", type=int, default=8)
+    p.add_argument("--top", type=int, default=25)
+    args = p.parse_args()
+    path, _, tmp = model_folder(args, args.device)
+    make_prompts = prompt_maker(path)
+    extra = parse_engine_args(args.engine_arg)
+    report = []
+    for precision in args.precisions.split(","):
+        engine = make_engine(path, args.device, extra, prefill_precision=precision, decode_precision="bf16",
+                             chunked_prefill_size=max(args.prefill_tokens, 8192), enable_prefix_caching=True)
+        seed = iter(range(10**6))
+        one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+        prof, wall = profiled(lambda: engine.generate(make_prompts(1, args.prefill_tokens, next(seed)), one),
+                              args.device)
+        report.append(f"== prefill {args.prefill_tokens} tokens, {precision}\n{kernel_table(prof, wall, args.top)}")
+        batch = make_prompts(args.decode_batch, args.decode_context, 7)
+        engine.generate(batch, one)  # now cached: the timed runs decode
+        steps = SamplingParams(max_tokens=1 + args.decode_steps, temperature=0, ignore_eos=True)
+        prof, wall = profiled(lambda: engine.generate(batch, steps), args.device)
+        report.append(f"== decode batch {args.decode_batch} at {args.decode_context} context, "
+                      f"{args.decode_steps} steps (+1 prefill of the cached prompt's last token)\n"
+                      f"{kernel_table(prof, wall, args.top)}")
+        print(report[-2], report[-1], sep="\n", flush=True)
+        del engine
+        free_memory()
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "profile_step.txt").write_text("\n\n".join(report) + "\n")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
