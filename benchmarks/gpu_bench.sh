@@ -7,7 +7,7 @@
 # Output in $OUT (default .out/): env.txt, build.log, {prefill,decode,serve}_speed.{log,json,md,png},
 # serve_launch.log, and RESULTS.md: a copy of benchmarks/RESULTS.md with the new tables appended (copy it back,
 # or append a saved run locally with `python benchmarks/X_speed.py --render X_speed.json --record`).
-# Environment: BUDGET_S (all of it, default 540), MODEL_DIR (default /tmp/mixquant-bench-qwen3-8b; kept when
+# Environment: BUDGET_S (all of it, default 530), MODEL_DIR (default /tmp/mixquant-bench-qwen3-8b; kept when
 # KEEP_MODEL=1), MODEL_ARGS (its shape, to the build and every script: --layers N, or --tiny for a CPU dry run),
 # BENCH_ARGS (to every script, e.g. "--engine-arg attention_backend=triton"), PREFILL_ARGS, DECODE_ARGS, SERVE_ARGS
 # (to one script each; later flags win), PREFILL_S, DECODE_S, SERVE_S (each one's cap in s), PYTHON (python3).
@@ -15,7 +15,7 @@ set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/.out}
 MODEL_DIR=${MODEL_DIR:-/tmp/mixquant-bench-qwen3-8b}
-BUDGET_S=${BUDGET_S:-540}
+BUDGET_S=${BUDGET_S:-530}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
