@@ -119,9 +119,8 @@ def hf_cell(model, make, batch: int, ctx: int, args: argparse.Namespace) -> dict
     extra = {"max_cache_len": ctx + args.steps + 1} if hasattr(GenerationConfig(), "max_cache_len") else {}
 
     def gen(n: int) -> None:  # longest first: later, shorter calls reuse its static cache (and compiled graph)
-        with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                 do_sample=False, cache_implementation="static", pad_token_id=0, **extra)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, cache_implementation="static", pad_token_id=0, **extra)
         if out.shape[1] != ctx + n:
             raise RuntimeError(f"HF generated {out.shape[1] - ctx} tokens, not {n}")
 
