@@ -24,6 +24,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     || { echo "installing the carried wheels failed"; exit 1; }
   export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
+"$PYTHON" -c "import msgspec, zmq, fastapi, uvicorn, pydantic, httpx" 2>/dev/null \
+  || echo "gpu_bench: msgspec/pyzmq/fastapi/uvicorn/pydantic/httpx missing: carry the wheels (.whl, see" \
+          "../shared/gpu-host/fetch-wheels.sh); the engine needs msgspec, serve_speed all of them"
 MIXQUANT_COMMIT=${MIXQUANT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export MIXQUANT_COMMIT
 deadline=$((SECONDS + BUDGET_S))
