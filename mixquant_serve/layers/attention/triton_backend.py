@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -36,33 +37,49 @@ class TritonMeta:
     buf: torch.Tensor  # int32, the one device buffer that all the tensors above view
 
 
-def _host_layout(seqs: Sequence[SeqSlice], page_size: int, rows: int, cols: int, pad_len: int = 0) -> torch.Tensor:
-    """One int32 host buffer: [slots as int64 (2T words) | seq_lens | prefix_lens | q_start_loc | table].
-
-    Rows past len(seqs) (up to `rows`) are padding: `pad_len` tokens each, in slot 0 (page 0), seq_len 0.
-    `cols` is the page table's width."""
+def _page_table(seqs: Sequence[SeqSlice], seq_lens: np.ndarray, page_size: int, cols: int) -> np.ndarray:
+    """[len(seqs), cols] the pages each sequence needs for its seq_lens tokens, padded with page 0."""
     n = len(seqs)
-    need = [-(-(s.start + s.length) // page_size) for s in seqs]
-    for s, k in zip(seqs, need, strict=True):
-        if len(s.pages) < k:
-            raise ValueError(f"a sequence of {s.start + s.length} tokens needs {k} pages, has {len(s.pages)}")
-    table = torch.zeros(rows, cols, dtype=torch.int64)
-    table[:n][torch.arange(cols) < torch.tensor(need)[:, None]] = torch.tensor(
-        list(chain.from_iterable(s.pages[:k] for s, k in zip(seqs, need, strict=True))), dtype=torch.int64)
-    prefix = torch.zeros(rows, dtype=torch.int64)
-    prefix[:n] = torch.tensor([s.start for s in seqs])
-    lengths = torch.full((rows,), pad_len, dtype=torch.int64)
-    lengths[:n] = torch.tensor([s.length for s in seqs])
-    q_start = torch.zeros(rows + 1, dtype=torch.int64)
-    q_start[1:] = lengths.cumsum(0)
-    row = torch.repeat_interleave(torch.arange(n), lengths[:n])
-    pos = torch.arange(len(row)) - q_start[row] + prefix[row]
-    slots = torch.zeros(int(q_start[-1]), dtype=torch.int64)  # padding tokens go to slot 0
-    slots[: len(row)] = table[row, pos // page_size] * page_size + pos % page_size
-    seq_lens = prefix + lengths
-    seq_lens[n:] = 0
-    ints = torch.cat([seq_lens, prefix, q_start, table.flatten()]).to(torch.int32)
-    return torch.cat([slots.view(torch.int32), ints])
+    need = -(-seq_lens // page_size)
+    have = np.fromiter((len(s.pages) for s in seqs), np.int64, n)
+    for i in np.flatnonzero(have < need):
+        raise ValueError(f"a sequence of {seq_lens[i]} tokens needs {need[i]} pages, has {have[i]}")
+    flat = np.fromiter(chain.from_iterable(s.pages for s in seqs), np.int64, int(have.sum()))
+    col = np.arange(cols)
+    valid = col < need[:, None]
+    if not flat.size:
+        return np.zeros((n, cols), np.int64)
+    return np.where(valid, flat[np.where(valid, (np.cumsum(have) - have)[:, None] + col, 0)], 0)
+
+
+def _host_layout(seqs: Sequence[SeqSlice], page_size: int, rows: int, cols: int, pad_len: int = 0,
+                 pinned: bool = False) -> torch.Tensor:
+    """One int32 host buffer: [slots as int64 (2T words) | seq_lens [rows] | prefix_lens [rows] |
+    q_start_loc [rows+1] | page table [len(seqs), cols]].
+
+    Rows past len(seqs) (up to `rows`) are padding: `pad_len` tokens each, in slot 0 (page 0), seq_len 0."""
+    n = len(seqs)
+    prefix, lengths = np.zeros(rows, np.int64), np.full(rows, pad_len, np.int64)
+    prefix[:n] = np.fromiter((s.start for s in seqs), np.int64, n)
+    lengths[:n] = np.fromiter((s.length for s in seqs), np.int64, n)
+    q_start = np.zeros(rows + 1, np.int64)
+    np.cumsum(lengths, out=q_start[1:])
+    table = _page_table(seqs, prefix[:n] + lengths[:n], page_size, cols)
+    t, real = int(q_start[-1]), int(q_start[n])
+    host = torch.empty(2 * t + 3 * rows + 1 + n * cols, dtype=torch.int32, pin_memory=pinned)
+    buf = host.numpy()
+    slots = buf[: 2 * t].view(np.int64)
+    row = np.repeat(np.arange(n), lengths[:n])
+    pos = np.arange(real) - q_start[row] + prefix[row]
+    slots[:real] = table[row, pos // page_size] * page_size + pos % page_size
+    slots[real:] = 0  # padding tokens write into page 0
+    ints = buf[2 * t :]
+    ints[:rows] = prefix + lengths
+    ints[n:rows] = 0
+    ints[rows : 2 * rows] = prefix
+    ints[2 * rows : 3 * rows + 1] = q_start
+    ints[3 * rows + 1 :] = table.ravel()
+    return host
 
 
 class TritonBackend(AttentionBackend):
@@ -80,17 +97,13 @@ class TritonBackend(AttentionBackend):
     def _num_splits(self, batch: int) -> int:
         return self.decode_splits or default_num_splits(batch, self.num_kv_heads, self.num_sms)
 
-    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return host.to(self.device)
-        return host.pin_memory().to(self.device, non_blocking=True)
-
     def plan(self, seqs: Sequence[SeqSlice]) -> TritonMeta:
         if not seqs:
             raise ValueError("an attention plan needs at least one sequence")
         b, t = len(seqs), sum(s.length for s in seqs)
         cols = max(-(-(s.start + s.length) // self.page_size) for s in seqs)
-        buf = self._to_device(_host_layout(seqs, self.page_size, b, cols))
+        host = _host_layout(seqs, self.page_size, b, cols, pinned=self.device.type == "cuda")
+        buf = host.to(self.device, non_blocking=True)
         is_decode = all(s.length == 1 for s in seqs)
         sdpa = self.sdpa_prefill and b == 1 and seqs[0].start == 0 and not is_decode
         return self._meta(buf, b, t, cols, max(s.length for s in seqs), is_decode, sdpa)
@@ -118,12 +131,12 @@ class TritonBackend(AttentionBackend):
         cols = max(-(-(s.start + 1) // self.page_size) for s in seqs)
         if cols > max_pages:
             raise ValueError(f"a sequence needs {cols} pages; the static table holds {max_pages}")
-        host = _host_layout(seqs, self.page_size, max_batch, cols, pad_len=1)  # same header layout as static
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        head, p = 5 * max_batch + 1, padded_batch
+        # the header has the static buffer's layout (max_batch rows); rows len(seqs).. of the table keep stale
+        # pages, never read: their seq_len is 0
+        host = _host_layout(seqs, self.page_size, max_batch, cols, pad_len=1, pinned=self.device.type == "cuda")
+        head, p, n = 5 * max_batch + 1, padded_batch, len(seqs)
         static.buf[:head].copy_(host[:head], non_blocking=True)
-        static.page_table[:p, :cols].copy_(host[head:].view(max_batch, cols)[:p], non_blocking=True)
+        static.page_table[:n, :cols].copy_(host[head:].view(n, cols), non_blocking=True)
         return TritonMeta(static.slots[:p], static.page_table[:p], static.seq_lens[:p], static.prefix_lens[:p],
                           static.q_start_loc[: p + 1], 1, True, self._num_splits(p), False, static.buf)
 
