@@ -57,13 +57,13 @@ def _decode_split_kernel(
         slot = page * PAGE_SIZE + pos % PAGE_SIZE
         nd_mask = n_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
         k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :], mask=nd_mask, other=0.0)
+        v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :], mask=nd_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale_log2
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :], mask=nd_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
 

@@ -118,12 +118,13 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_t
 
 def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                      q_start_loc: torch.Tensor, prefix_lens: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
-                     scale: float, max_q_len: int, out: torch.Tensor | None = None, *, block_m: int = 64,
+                     scale: float, max_q_len: int, out: torch.Tensor | None = None, *, block_m: int | None = None,
                      block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """q [T, H, D] (sequence b's new tokens are rows q_start_loc[b]..q_start_loc[b+1]-1, at positions
     prefix_lens[b].., seq_lens = prefix_lens + new) attends causally to its sequence's keys, read through
     page_table [B, P] from the caches [num_slots, Hkv, D] -> out [T, H, D] in q's dtype.
-    max_q_len must be >= every sequence's new-token count (it sizes the grid)."""
+    max_q_len must be >= every sequence's new-token count (it sizes the grid). block_m defaults to 64 query
+    rows, fewer (16 or 32) when no sequence has more new tokens (a short turn after a long cached prefix)."""
     _check(q, k_cache, v_cache, page_table, q_start_loc, prefix_lens, seq_lens, out)
     if page_size < 1 or max_q_len < 0:
         raise ValueError(f"page_size must be >= 1 and max_q_len >= 0, got {page_size}, {max_q_len}")
@@ -131,6 +132,7 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     if t == 0 or b == 0 or max_q_len == 0:
         return out
+    block_m = block_m or min(64, max(16, triton.next_power_of_2(max_q_len)))
     grid = (h, triton.cdiv(max_q_len, block_m), b)
     _extend_kernel[grid](
         q, k_cache, v_cache, out, page_table, q_start_loc, prefix_lens,

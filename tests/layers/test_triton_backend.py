@@ -11,7 +11,7 @@ from mixquant_serve.kvcache.page_pool import PagePool
 from mixquant_serve.kvcache.storage import KVStorage, dtype_name
 from mixquant_serve.layers.attention.base import SeqSlice, create_attention_backend
 from mixquant_serve.layers.attention.torch_ref import TorchRefBackend
-from mixquant_serve.layers.attention.triton_backend import TritonBackend
+from mixquant_serve.layers.attention.triton_backend import TritonBackend, TritonMeta
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 4, 2, 64, 2
@@ -113,3 +113,35 @@ def test_plan_layout_and_errors():
         pair.tri.load_decode_meta(static, [SeqSlice([1, 2, 3], 8, 1)], 2)
     assert isinstance(create_attention_backend("triton", pair.tri.storage, *([HEADS, KV_HEADS, HEAD_DIM, DEVICE])),
                       TritonBackend)
+
+
+@pytest.mark.gpu
+def test_decode_replays_in_a_cuda_graph():
+    """Capture one decode forward over static metadata, then replay it for batches of other lengths."""
+    pair = _Pair(torch.bfloat16, 16, sdpa=True)
+    pair.check([("a", 40), ("b", 17), ("c", 3)])
+    static = pair.tri.static_decode_meta(max_batch=8, max_pages=32)
+    sq, sk, sv = (torch.zeros(4, h, HEAD_DIM, dtype=torch.bfloat16, device=DEVICE) for h in (HEADS, KV_HEADS, KV_HEADS))
+
+    def step(names: list[str], run) -> TritonMeta:
+        seqs = pair.seqs([(name, 1) for name in names])
+        q, k, v = pair.inputs(len(seqs))
+        want = pair.ref.forward(0, q, k, v, pair.ref.plan(seqs))
+        for s, x in zip((sq, sk, sv), (q, k, v), strict=True):
+            s.zero_()
+            s[: len(seqs)] = x
+        meta = pair.tri.load_decode_meta(static, seqs, padded_batch=4)
+        got = run(meta)
+        torch.testing.assert_close(got[: len(seqs)], want, atol=_ATOL[torch.bfloat16], rtol=0)
+        assert torch.equal(got[len(seqs) :], torch.zeros_like(got[len(seqs) :]))
+        return meta
+
+    graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compiles the kernels, checked like any other step
+        meta = step(["a", "b"], lambda meta: pair.tri.forward(0, sq, sk, sv, meta).clone())
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        out = pair.tri.forward(0, sq, sk, sv, meta)
+    for names in (["c", "a", "b"], ["b"], ["a", "c"]):
+        step(names, lambda meta: (graph.replay(), out.clone())[1])
