@@ -43,8 +43,19 @@ class AttentionBackend(ABC):
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hkv, D] of the new tokens -> attention output [T, H*D]."""
 
+    def static_decode_meta(self, max_batch: int, max_pages: int) -> Any:
+        """Preallocated decode metadata for CUDA graphs: up to max_batch rows of up to max_pages pages."""
+        raise NotImplementedError(f"{type(self).__name__} has no CUDA-graph decode metadata")
 
-_REGISTRY = {"torch_ref": "mixquant_serve.layers.attention.torch_ref:TorchRefBackend"}
+    def load_decode_meta(self, static: Any, seqs: Sequence[SeqSlice], padded_batch: int) -> Any:
+        """Refill `static` in place for decode `seqs` padded to padded_batch rows; returns views of it."""
+        raise NotImplementedError(f"{type(self).__name__} has no CUDA-graph decode metadata")
+
+
+_REGISTRY = {
+    "torch_ref": "mixquant_serve.layers.attention.torch_ref:TorchRefBackend",
+    "triton": "mixquant_serve.layers.attention.triton_backend:TritonBackend",
+}
 
 
 def create_attention_backend(name: str, *args: Any, **kwargs: Any) -> AttentionBackend:

@@ -1,0 +1,86 @@
+"""kernels/decode_attention.py against a float64 dense computation over the same paged cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernels.conftest import DOT_DTYPES
+from kernels.paged_ref import attend, page_table, random_cache
+
+from mixquant_serve.kernels.decode_attention import decode_attention, default_num_splits
+
+_ATOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def _run(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, page_size: int,
+         lens: list[int], num_splits: int, seed: int, **launch: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    num_pages = sum(-(-n // page_size) for n in lens) + 3
+    k, v = random_cache(num_pages, page_size, kv_heads, head_dim, dtype, device, gen)
+    table = page_table(lens, page_size, num_pages, gen).to(device)
+    q = torch.randn(len(lens), heads, head_dim, generator=gen).to(dtype).to(device)
+    out = torch.full_like(q, float("nan"))
+    scale = head_dim**-0.5
+    got = decode_attention(q, k, v, table, torch.tensor(lens, dtype=torch.int32, device=device), page_size, scale,
+                           num_splits, out=out, **launch)
+    assert got is out and not out.isnan().any(), "every output element must be written"
+    for b, n in enumerate(lens):
+        want = attend(q[b : b + 1], k, v, table, page_size, [n - 1], n, b, scale)[0] if n else torch.zeros_like(
+            out[b], dtype=torch.float64, device="cpu")
+        torch.testing.assert_close(out[b].cpu().double(), want, atol=_ATOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES)
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "page_size", "lens", "num_splits"), [
+    (2, 2, 64, 16, [1, 15, 16, 17, 33, 0], 1),  # GQA 1, lengths at and across page boundaries, a padding row
+    (8, 2, 128, 16, [40, 1, 0, 16, 64, 65], 3),  # GQA 4, splits that cover ragged and empty slices
+    (8, 1, 64, 1, [7, 1, 20], 4),  # GQA 8, one token per page
+    (4, 1, 128, 64, [64, 65, 3, 130], 8),  # big pages, more splits than keys for short rows
+])
+def test_matches_dense_float64(device, dtype, heads, kv_heads, head_dim, page_size, lens, num_splits):
+    _run(device, dtype, heads, kv_heads, head_dim, page_size, lens, num_splits, seed=len(lens) + num_splits)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5])
+def test_small_key_blocks_and_odd_head_dim(device, num_splits):
+    """Several key blocks per split (block_n 16) and a head_dim that is not a power of two."""
+    _run(device, torch.float32, 6, 2, 80, 16, [50, 16, 0, 31], num_splits, seed=num_splits, block_n=16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [1, 16])
+def test_bfloat16_long_context_on_gpu(device, num_splits):
+    lens = [4096, 1, 0, 1000, 2049, 17]
+    _run(device, torch.bfloat16, 32, 8, 128, 16, lens, num_splits, seed=num_splits)
+
+
+def test_all_rows_padding_give_zeros(device):
+    q = torch.randn(3, 4, 64, device=device)
+    k = torch.randn(32, 2, 64, device=device)
+    table = torch.zeros(3, 2, dtype=torch.int32, device=device)
+    out = decode_attention(q, k, k.clone(), table, torch.zeros(3, dtype=torch.int32, device=device), 16, 0.125, 4)
+    assert torch.equal(out, torch.zeros_like(q))
+
+
+def test_default_num_splits_fills_the_gpu_without_depending_on_lengths():
+    assert default_num_splits(1, 8) == 32  # capped
+    assert default_num_splits(8, 8) == 5  # ceil(264 / 64)
+    assert default_num_splits(256, 8) == 1
+    assert default_num_splits(0, 8) == 32
+
+
+def test_rejects_bad_inputs(device):
+    q = torch.randn(2, 4, 64, device=device)
+    k = torch.randn(32, 2, 64, device=device)
+    table = torch.zeros(2, 2, dtype=torch.int32, device=device)
+    lens = torch.ones(2, dtype=torch.int32, device=device)
+    with pytest.raises(TypeError, match="int32"):
+        decode_attention(q, k, k, table.long(), lens, 16, 0.125, 1)
+    with pytest.raises(TypeError, match="share"):
+        decode_attention(q.half(), k, k, table, lens, 16, 0.125, 1)
+    with pytest.raises(ValueError, match="multiple"):
+        decode_attention(torch.randn(2, 3, 64, device=device), k, k, table, lens, 16, 0.125, 1)
+    with pytest.raises(ValueError, match="seq_lens"):
+        decode_attention(q, k, k, table, lens[:1], 16, 0.125, 1)
+    with pytest.raises(ValueError, match="num_splits"):
+        decode_attention(q, k, k, table, lens, 16, 0.125, 0)

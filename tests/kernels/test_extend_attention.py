@@ -1,0 +1,69 @@
+"""kernels/extend_attention.py against a float64 dense computation over the same paged cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernels.conftest import DOT_DTYPES
+from kernels.paged_ref import attend, page_table, random_cache
+
+from mixquant_serve.kernels.extend_attention import extend_attention
+
+_ATOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def _run(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, page_size: int,
+         prefix: list[int], new: list[int], seed: int, **launch: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    lens = [p + n for p, n in zip(prefix, new, strict=True)]
+    num_pages = sum(-(-n // page_size) for n in lens) + 3
+    k, v = random_cache(num_pages, page_size, kv_heads, head_dim, dtype, device, gen)
+    table = page_table(lens, page_size, num_pages, gen).to(device)
+    q = torch.randn(sum(new), heads, head_dim, generator=gen).to(dtype).to(device)
+    starts = [0] + torch.tensor(new).cumsum(0).tolist()
+    out = torch.full_like(q, float("nan"))
+    scale = head_dim**-0.5
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
+    got = extend_attention(q, k, v, table, i32(starts), i32(prefix), i32(lens), page_size, scale, max(new),
+                           out=out, **launch)
+    assert got is out and not out.isnan().any(), "every output element must be written"
+    for b, (p, n) in enumerate(zip(prefix, new, strict=True)):
+        rows = slice(starts[b], starts[b + 1])
+        want = attend(q[rows], k, v, table, page_size, list(range(p, p + n)), p + n, b, scale)
+        torch.testing.assert_close(out[rows].cpu().double(), want, atol=_ATOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES)
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "page_size", "prefix", "new"), [
+    (2, 2, 64, 16, [0, 0, 16], [16, 17, 1]),  # GQA 1, page boundaries, a one-token row
+    (8, 2, 128, 16, [5, 0, 32], [40, 3, 20]),  # GQA 4, prefix hits mid-page and on a page boundary
+    (8, 1, 64, 1, [3, 0], [9, 20]),  # GQA 8, one token per page
+    (4, 1, 128, 64, [64, 70], [1, 60]),  # big pages, the new tokens crossing one
+])
+def test_matches_dense_float64(device, dtype, heads, kv_heads, head_dim, page_size, prefix, new):
+    _run(device, dtype, heads, kv_heads, head_dim, page_size, prefix, new, seed=sum(new),
+         block_m=16, block_n=16)
+
+
+def test_default_blocks(device):
+    """The default 64x64 blocks: several query blocks for one row, a long prefix, an odd head_dim."""
+    _run(device, torch.float32, 4, 2, 96, 16, [100, 0, 7], [130, 64, 2], seed=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_long_batch_on_gpu(device, dtype):
+    _run(device, dtype, 32, 8, 128, 16, [0, 1000, 4096, 17], [2048, 300, 1, 513], seed=7)
+
+
+def test_rejects_bad_inputs(device):
+    q = torch.randn(3, 4, 64, device=device)
+    k = torch.randn(32, 2, 64, device=device)
+    table = torch.zeros(1, 2, dtype=torch.int32, device=device)
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
+    with pytest.raises(TypeError, match="int32"):
+        extend_attention(q, k, k, table, i32([0, 3]).long(), i32([0]), i32([3]), 16, 0.125, 3)
+    with pytest.raises(ValueError, match="q_start_loc"):
+        extend_attention(q, k, k, table, i32([0, 1, 3]), i32([0]), i32([3]), 16, 0.125, 3)
+    with pytest.raises(ValueError, match="head_dim"):
+        extend_attention(q, k[..., :32], k[..., :32], table, i32([0, 3]), i32([0]), i32([3]), 16, 0.125, 3)
