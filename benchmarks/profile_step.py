@@ -40,7 +40,7 @@ def kernel_table(prof: torch.profiler.profile, wall_ms: float, top: int) -> str:
     return "\n".join(lines)
 
 
-def profiled(fn, device: str) -> tuple[torch.profiler.profile, float]:
+def profiled(fn) -> tuple[torch.profiler.profile, float]:
     fn()  # warm-up: compilation, graph capture paths, allocator
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
@@ -50,6 +50,21 @@ def profiled(fn, device: str) -> tuple[torch.profiler.profile, float]:
         torch.cuda.synchronize()
         wall = (time.perf_counter() - start) * 1000
     return prof, wall
+
+
+def profile_engine(engine, make_prompts, precision: str, args: argparse.Namespace) -> list[str]:
+    """Kernel tables of one fresh prefill and of decode steps over a cached batch."""
+    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    seeds = iter(range(10**6))
+    prof, wall = profiled(lambda: engine.generate(make_prompts(1, args.prefill_tokens, next(seeds)), one))
+    out = [f"== prefill {args.prefill_tokens} tokens, {precision}\n{kernel_table(prof, wall, args.top)}"]
+    batch = make_prompts(args.decode_batch, args.decode_context, 7)
+    engine.generate(batch, one)  # now cached: the profiled run decodes
+    steps = SamplingParams(max_tokens=1 + args.decode_steps, temperature=0, ignore_eos=True)
+    prof, wall = profiled(lambda: engine.generate(batch, steps))
+    out.append(f"== decode batch {args.decode_batch} at {args.decode_context} context, {args.decode_steps} steps "
+               f"(+1 prefill of the cached prompt's last token), {precision}\n{kernel_table(prof, wall, args.top)}")
+    return out
 
 
 def main() -> None:
@@ -69,19 +84,8 @@ def main() -> None:
     for precision in args.precisions.split(","):
         engine = make_engine(path, args.device, extra, prefill_precision=precision, decode_precision="bf16",
                              chunked_prefill_size=max(args.prefill_tokens, 8192), enable_prefix_caching=True)
-        seed = iter(range(10**6))
-        one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-        prof, wall = profiled(lambda: engine.generate(make_prompts(1, args.prefill_tokens, next(seed)), one),
-                              args.device)
-        report.append(f"== prefill {args.prefill_tokens} tokens, {precision}\n{kernel_table(prof, wall, args.top)}")
-        batch = make_prompts(args.decode_batch, args.decode_context, 7)
-        engine.generate(batch, one)  # now cached: the timed runs decode
-        steps = SamplingParams(max_tokens=1 + args.decode_steps, temperature=0, ignore_eos=True)
-        prof, wall = profiled(lambda: engine.generate(batch, steps), args.device)
-        report.append(f"== decode batch {args.decode_batch} at {args.decode_context} context, "
-                      f"{args.decode_steps} steps (+1 prefill of the cached prompt's last token)\n"
-                      f"{kernel_table(prof, wall, args.top)}")
-        print(report[-2], report[-1], sep="\n", flush=True)
+        report += profile_engine(engine, make_prompts, precision, args)
+        print(*report[-2:], sep="\n", flush=True)
         del engine
         free_memory()
     if args.out:

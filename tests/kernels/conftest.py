@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ON_GPU
+from conftest import DOT_DTYPES, ON_GPU
 
 pytest.importorskip("triton", reason="the kernel tests need triton (the dev extra installs it)")
 
@@ -12,3 +12,6 @@ pytest.importorskip("triton", reason="the kernel tests need triton (the dev extr
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     return torch.device("cuda" if ON_GPU else "cpu")
+
+
+__all__ = ["DOT_DTYPES", "ON_GPU"]
