@@ -13,9 +13,9 @@ from mixquant_serve.quant.nvfp4 import (
     fake_quantize_nvfp4,
     nvfp4_global_scale,
     nvfp4_matmul,
+    nvfp4_row_global_scale,
     pack_nibbles,
     quantize_nvfp4,
-    nvfp4_row_global_scale,
     tensor_amax,
     unpack_nibbles,
 )
