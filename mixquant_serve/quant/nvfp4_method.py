@@ -19,6 +19,8 @@ CUDA): 4 (2) bytes per weight instead of 0.5625 packed; the cache is reported ap
 Set MIXQUANT_NVFP4_WEIGHT_CACHE=0 to dequantize per call instead. On CUDA the activation is quantized
 and dequantized by one Triton kernel (``kernels/nvfp4_quant.py``) and the GEMM with both global scales
 and the bias in its epilogue is ``kernels/scaled_mm.py``; on CPU the same arithmetic runs in PyTorch.
+On Blackwell (sm_100/sm_120) the packed operands go to FP4 tensor cores instead (``nvfp4_blackwell``,
+selected by capability; no dequantized weight cache then).
 
 A layer the checkpoint left unquantized (a floating ``weight`` in a quantized checkpoint arrives here
 as ``weight_unquantized``) runs as a plain linear in this precision.
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from mixquant_serve.quant import nvfp4
+from mixquant_serve.quant import nvfp4, nvfp4_blackwell
 from mixquant_serve.quant.methods import QuantMethod, Shard
 
 if TYPE_CHECKING:
@@ -81,6 +83,7 @@ class NVFP4Method(QuantMethod):
         impl.channel_scale = None  # float32 [N] weight global scale per output channel
         impl.x_scale = None  # static input global scale (0-d float32) or None: dynamic
         impl.cache = None  # dequantized blocks [N, K] (no global scale), float32 or bfloat16
+        impl.native = None  # Blackwell: the weight as FP4 tensor-core operands (nvfp4_blackwell.NativeWeight)
         return impl
 
     # -- loading ------------------------------------------------------------------------------------
@@ -159,7 +162,9 @@ class NVFP4Method(QuantMethod):
         given = [i for i in range(len(layer.output_sizes)) if ("input_scale", i) in impl.loaded]
         if given:
             impl.x_scale = impl.input_scale[given].max()
-        if os.environ.get(_CACHE_ENV, "1") != "0":
+        if nvfp4_blackwell.available(layer.device) and nvfp4_blackwell.fits(layer.input_size, layer.output_size):
+            impl.native = nvfp4_blackwell.prepare_weight(impl.weight, impl.weight_scale)
+        elif os.environ.get(_CACHE_ENV, "1") != "0":
             operand = _operand_dtype(layer.device)
             impl.cache = dequantize_nvfp4_blocks(impl.weight, impl.weight_scale, dtype=operand)
 
@@ -184,8 +189,13 @@ class NVFP4Method(QuantMethod):
     @staticmethod
     def _apply_cuda(impl: nn.Module, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Triton: fused activation quant-dequant, then the GEMM with global scales and bias in its epilogue."""
-        from mixquant_serve.kernels.nvfp4_quant import nvfp4_quantize_dequantize
+        from mixquant_serve.kernels.nvfp4_quant import nvfp4_quantize, nvfp4_quantize_dequantize
         from mixquant_serve.kernels.scaled_mm import scaled_mm
+
+        if impl.native is not None:  # Blackwell: FP4 tensor cores on the packed operands
+            packed, scales, x_scale = nvfp4_quantize(rows, impl.x_scale)
+            return nvfp4_blackwell.native_mm(packed, scales, impl.native, x_scale, impl.channel_scale, bias,
+                                             rows.dtype)
 
         w_blocks = impl.cache
         if w_blocks is None:
@@ -209,6 +219,8 @@ class NVFP4Method(QuantMethod):
         return dense + sum(t.numel() * t.element_size() for t in impl.buffers())
 
     def cache_bytes(self, impl: nn.Module) -> int:
+        if impl.native is not None:  # the FP4 operand is a view of the packed weight; the scales are a copy
+            return impl.native.scales.numel()
         return 0 if impl.cache is None else impl.cache.numel() * impl.cache.element_size()
 
 
