@@ -16,9 +16,11 @@ global scales (``e2m1 * block_scale`` is exact in bfloat16 and float32), multipl
 accumulation, then multiplied once by ``fl32(input_scale[row] * weight_scale_2[channel])``; this is
 ``nvfp4_matmul``'s arithmetic. The dequantized weight is cached at load time (float32 on CPU, bfloat16 on
 CUDA): 4 (2) bytes per weight instead of 0.5625 packed; the cache is reported apart (``cache_bytes``).
-Set MIXQUANT_NVFP4_WEIGHT_CACHE=0 to dequantize per call instead. On CUDA the activation is quantized
-and dequantized by one Triton kernel (``kernels/nvfp4_quant.py``) and the GEMM with both global scales
-and the bias in its epilogue is ``kernels/scaled_mm.py``; on CPU the same arithmetic runs in PyTorch.
+Set MIXQUANT_NVFP4_WEIGHT_CACHE=0 to keep no cache: on CPU the weight is then dequantized per call, on
+CUDA the GEMM reads the packed weight and decodes it in registers (``kernels/nvfp4_gemm.py``). On CUDA
+the activation is quantized and dequantized by one Triton kernel (``kernels/nvfp4_quant.py``) and the
+GEMM, with both global scales and the bias in its epilogue, is ``kernels/scaled_mm.py`` on the cached
+weight; on CPU the same arithmetic runs in PyTorch.
 On Blackwell (sm_100/sm_120) the packed operands go to FP4 tensor cores instead (``nvfp4_blackwell``,
 selected by capability; no dequantized weight cache then).
 
@@ -189,6 +191,7 @@ class NVFP4Method(QuantMethod):
     @staticmethod
     def _apply_cuda(impl: nn.Module, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Triton: fused activation quant-dequant, then the GEMM with global scales and bias in its epilogue."""
+        from mixquant_serve.kernels.nvfp4_gemm import nvfp4_gemm
         from mixquant_serve.kernels.nvfp4_quant import nvfp4_quantize, nvfp4_quantize_dequantize
         from mixquant_serve.kernels.scaled_mm import scaled_mm
 
@@ -197,11 +200,11 @@ class NVFP4Method(QuantMethod):
             return nvfp4_blackwell.native_mm(packed, scales, impl.native, x_scale, impl.channel_scale, bias,
                                              rows.dtype)
 
-        w_blocks = impl.cache
-        if w_blocks is None:
-            w_blocks = dequantize_nvfp4_blocks(impl.weight, impl.weight_scale, dtype=_operand_dtype(rows.device))
-        x_blocks, x_scale = nvfp4_quantize_dequantize(rows, impl.x_scale, out_dtype=w_blocks.dtype)
-        return scaled_mm(x_blocks, w_blocks, x_scale, impl.channel_scale, bias, out_dtype=rows.dtype)
+        x_blocks, x_scale = nvfp4_quantize_dequantize(rows, impl.x_scale, out_dtype=torch.bfloat16)
+        if impl.cache is None:  # the packed weight, decoded tile by tile in the GEMM
+            return nvfp4_gemm(x_blocks, impl.weight, impl.weight_scale, x_scale, impl.channel_scale, bias,
+                              out_dtype=rows.dtype)
+        return scaled_mm(x_blocks, impl.cache, x_scale, impl.channel_scale, bias, out_dtype=rows.dtype)
 
     @staticmethod
     def _gemm(impl: nn.Module, rows: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
