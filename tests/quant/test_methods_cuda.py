@@ -43,8 +43,10 @@ def test_fp8_linear_feeds_scaled_mm_from_the_kernel():
     assert torch.equal(out, ref)  # same operands bit for bit, same GEMM
 
 
+@pytest.mark.parametrize("cache", ["1", "0"])  # 0: the GEMM reads the packed weight (kernels/nvfp4_gemm.py)
 @pytest.mark.parametrize("t", [1, 77, 1000])
-def test_nvfp4_method_quantize_at_load_matches_nvfp4_matmul(t):
+def test_nvfp4_method_quantize_at_load_matches_nvfp4_matmul(monkeypatch, t, cache):
+    monkeypatch.setenv("MIXQUANT_NVFP4_WEIGHT_CACHE", cache)
     gen = torch.Generator().manual_seed(t)
     w = (torch.randn(sum(SIZES), K, generator=gen) * 0.05).to(torch.bfloat16)
     layer = LinearBase(K, SIZES, True, ("nvfp4",), torch.bfloat16, "cuda")
