@@ -2,7 +2,9 @@
 
 Scales are float32 and multiply to dequantize: ``value = fp8 * scale`` with ``scale = absmax / 448``.
 ``fp8_linear`` runs ``torch._scaled_mm`` with row-wise scales (CPU and CUDA); on CUDA it needs K and
-N to be multiples of 16. ``fp8_linear_reference`` is the same math in plain float32 for tests.
+N to be multiples of 16, and the activation is quantized by one Triton kernel
+(``kernels/fp8_quant.py``, bit-identical to ``quantize_fp8_per_token``) instead of a chain of eager ops.
+``fp8_linear_reference`` is the same math in plain float32 for tests.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def fp8_linear(
         return x.new_empty(*x.shape[:-1], n, dtype=out_dtype)
     if x.device.type == "cpu" and not _cpu_rowwise_scaled_mm():
         return fp8_linear_reference(x, w_fp8, w_scale, bias, out_dtype)
-    x_fp8, x_scale = quantize_fp8_per_token(rows)
+    x_fp8, x_scale = _quantize_activation(rows)
     out = torch._scaled_mm(
         x_fp8.contiguous(),
         w_fp8.contiguous().T,
@@ -95,6 +97,15 @@ def fp8_linear(
     if bias is not None:
         out = (out + bias.float()).to(out_dtype)
     return out.reshape(*x.shape[:-1], n)
+
+
+def _quantize_activation(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_fp8_per_token`` of ``[T, K]``; on CUDA by the fused Triton kernel (same bits)."""
+    if rows.is_cuda:
+        from mixquant_serve.kernels.fp8_quant import fp8_quantize_per_token
+
+        return fp8_quantize_per_token(rows.contiguous())
+    return quantize_fp8_per_token(rows)
 
 
 @lru_cache(maxsize=1)

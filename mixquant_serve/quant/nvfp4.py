@@ -4,7 +4,8 @@ Pure functions on tensors (CPU or CUDA), bit-exact with NVIDIA Model Optimizer's
 (``NVFP4QTensor.quantize`` / ``.dequantize``, nvidia-modelopt 0.47):
 
 - ``global_scale = amax / (6 * 448)``; scales multiply to dequantize (checkpoints call the weight's
-  ``weight_scale_2`` and the activation's ``input_scale``).
+  ``weight_scale_2`` and the activation's ``input_scale``). One per tensor, or one per row
+  (``nvfp4_row_global_scale``: a dynamic activation scale that makes a row independent of its batch).
 - ``block_scale = e4m3(clamp(block_amax / (6 * global_scale), 2**-9, 448))``; an all-zero block gets 1.0.
   The clamp is applied in float32 *before* the cast to E4M3 (so nothing underflows to 0 or overflows
   to NaN), and ``6 * global_scale`` is rounded to float32 before the division.
@@ -61,6 +62,11 @@ def nvfp4_global_scale(amax: torch.Tensor | float) -> torch.Tensor:
     return amax.clamp_min(floor) / amax.new_full((), E2M1_MAX * E4M3_MAX)
 
 
+def nvfp4_row_global_scale(x: torch.Tensor) -> torch.Tensor:
+    """One global scale per row of ``x [..., K]``: ``nvfp4_global_scale(max|row|)`` as float32 ``[..., 1]``."""
+    return nvfp4_global_scale(x.abs().amax(dim=-1, keepdim=True))
+
+
 def tensor_amax(x: torch.Tensor) -> torch.Tensor:
     """``max(|x|)`` as a float32 0-d tensor, without materialising ``|x|``."""
     lo, hi = torch.aminmax(x)
@@ -115,6 +121,20 @@ def _as_scale(global_scale: torch.Tensor | float, device: torch.device) -> torch
     return scale.reshape(())
 
 
+def _as_scales(global_scale: torch.Tensor | float, rows: int, device: torch.device) -> torch.Tensor:
+    """A scalar global scale as 0-d, or one per row as ``[rows, 1]`` (float32)."""
+    scale = torch.as_tensor(global_scale, dtype=torch.float32).to(device)
+    if scale.numel() == 1:
+        return scale.reshape(())
+    if scale.numel() != rows:
+        raise ValueError(f"the global scale must be a scalar or one per row ({rows}), got {tuple(scale.shape)}")
+    return scale.reshape(rows, 1)
+
+
+def _rows_of(scale: torch.Tensor, part: slice) -> torch.Tensor:
+    return scale if scale.dim() == 0 else scale[part]
+
+
 def _row_chunks(rows: int, row_elements: int) -> Iterator[slice]:
     step = max(1, _CHUNK_ELEMENTS // max(1, row_elements))
     for start in range(0, rows, step):
@@ -147,19 +167,20 @@ def quantize_nvfp4(x: torch.Tensor, global_scale: torch.Tensor | float) -> tuple
     """Quantize ``x [..., K]`` (K a multiple of 16, any float dtype) to NVFP4.
 
     Returns ``(packed, block_scales)``: uint8 ``[..., K/2]`` and float8_e4m3fn ``[..., K/16]``.
-    ``global_scale`` is the float32 per-tensor scale (see ``nvfp4_global_scale``); it must be positive.
+    ``global_scale`` is the float32 per-tensor scale (see ``nvfp4_global_scale``), or one per row
+    (``[..., 1]``, see ``nvfp4_row_global_scale``); it must be positive.
     Works in row chunks, so the temporaries stay small whatever the size of ``x``.
     """
     if not x.is_floating_point():
         raise TypeError(f"NVFP4 quantizes floating-point tensors, got {x.dtype}")
     k = x.shape[-1]
     _check_k(k)
-    scale = _as_scale(global_scale, x.device)
     rows = x.reshape(-1, k)
+    scale = _as_scales(global_scale, rows.shape[0], x.device)
     packed = torch.empty(rows.shape[0], k // 2, dtype=torch.uint8, device=x.device)
     block_scales = torch.empty(rows.shape[0], k // BLOCK_SIZE, dtype=torch.float8_e4m3fn, device=x.device)
     for part in _row_chunks(rows.shape[0], k):
-        packed[part], block_scales[part] = _quantize_rows(rows[part], scale)
+        packed[part], block_scales[part] = _quantize_rows(rows[part], _rows_of(scale, part))
     lead = x.shape[:-1]
     return packed.reshape(*lead, k // 2), block_scales.reshape(*lead, k // BLOCK_SIZE)
 
@@ -189,7 +210,7 @@ def _dequantize(
     for part in _row_chunks(rows.shape[0], k):
         multiplier = scales[part].float()
         if global_scale is not None:
-            multiplier = multiplier * global_scale
+            multiplier = multiplier * _rows_of(global_scale, part)
         out[part] = _dequantize_rows(rows[part], multiplier)
     return out.reshape(*packed.shape[:-1], k)
 
@@ -204,8 +225,10 @@ def dequantize_nvfp4(
     """NVFP4 ``(packed [..., K/2], block_scales [..., K/16], global_scale)`` to ``dtype [..., K]``.
 
     Computes ``e2m1 * fl32(block_scale * global_scale)`` in float32, then casts (Model Optimizer's order).
+    ``global_scale`` is a scalar or one per row, as in ``quantize_nvfp4``.
     """
-    return _dequantize(packed, block_scales, _as_scale(global_scale, packed.device), dtype)
+    rows = packed.numel() // max(1, packed.shape[-1])
+    return _dequantize(packed, block_scales, _as_scales(global_scale, rows, packed.device), dtype)
 
 
 @torch.no_grad()
@@ -244,10 +267,11 @@ def nvfp4_matmul(
     """W4A4 linear ``x @ W^T`` with an NVFP4 weight ``[N, K/2] + [N, K/16] + scalar``; returns ``[..., N]``.
 
     The activation ``x [..., K]`` is quantized to NVFP4 along K with the per-tensor
-    ``input_global_scale`` (static), or when None with ``nvfp4_global_scale(amax(x))`` of this batch
-    (dynamic). Both operands are then dequantized exactly without their global scales
+    ``input_global_scale`` (static; one per row is taken too), or when None with one scale per row,
+    ``nvfp4_row_global_scale(x)`` (dynamic: a row's result does not depend on the other rows of the
+    batch). Both operands are then dequantized exactly without their global scales
     (``dequantize_nvfp4_blocks``), multiplied with float32 accumulation, and the result is multiplied
-    once by ``fl32(input_global_scale * w_global_scale)``. This equals a native FP4 tensor-core GEMM up
+    once by ``fl32(input_global_scale * w_global_scale)`` (per row). This equals a native FP4 tensor-core GEMM up
     to accumulation order. On CUDA the exact operands travel as bfloat16 through a bf16 GEMM with
     float32 output; elsewhere as float32. The weight is dequantized a slice of output channels at a
     time; the activation is held dequantized once. ``out_dtype`` defaults to the dtype of ``x``.
@@ -259,8 +283,8 @@ def nvfp4_matmul(
     out = torch.empty(rows.shape[0], n, dtype=torch.float32, device=x.device)
     if rows.shape[0]:
         if input_global_scale is None:
-            input_global_scale = nvfp4_global_scale(tensor_amax(rows))
-        x_scale = _as_scale(input_global_scale, x.device)
+            input_global_scale = nvfp4_row_global_scale(rows)
+        x_scale = _as_scales(input_global_scale, rows.shape[0], x.device)
         operand = torch.bfloat16 if _has_mm_out_float32(x.device) else torch.float32
         x_blocks = dequantize_nvfp4_blocks(*quantize_nvfp4(rows, x_scale), dtype=operand)
         for part in _row_chunks(n, k):

@@ -7,16 +7,22 @@ comes from the amax of the whole merged weight, as Model Optimizer's exports sha
 across q/k/v and gate/up. A checkpoint may give each shard its own ``weight_scale_2``: the GEMM applies
 the weight's global scale per output channel, so that stays exact. The activation is quantized once
 for the merged GEMM, so it needs one input scale: the largest of the shards' (equal in Model Optimizer
-exports; vLLM takes the max too). Without an input scale (quantize-at-load) the scale is dynamic:
-``amax(x) / (6 * 448)`` of each batch.
+exports; vLLM takes the max too). Without an input scale (quantize-at-load) the scale is dynamic and
+per token: ``amax(row) / (6 * 448)`` of each row, so a request's activations (and the KV they produce)
+do not depend on the other requests in its batch.
 
 The GEMM (emulated; exact up to float32 accumulation order): both operands dequantized WITHOUT their
 global scales (``e2m1 * block_scale`` is exact in bfloat16 and float32), multiplied with float32
-accumulation, then multiplied once by ``fl32(input_scale * weight_scale_2)`` per output channel; this is
+accumulation, then multiplied once by ``fl32(input_scale[row] * weight_scale_2[channel])``; this is
 ``nvfp4_matmul``'s arithmetic. The dequantized weight is cached at load time (float32 on CPU, bfloat16 on
-CUDA with ``mm(out_dtype=float32)``): 4 (2) bytes per weight instead of 0.5625 packed; the cache is
-reported apart (``cache_bytes``). Set MIXQUANT_NVFP4_WEIGHT_CACHE=0 to dequantize per call instead.
-A native Blackwell FP4 GEMM would plug in at ``_gemm`` and be checked against this one.
+CUDA): 4 (2) bytes per weight instead of 0.5625 packed; the cache is reported apart (``cache_bytes``).
+Set MIXQUANT_NVFP4_WEIGHT_CACHE=0 to keep no cache: on CPU the weight is then dequantized per call, on
+CUDA the GEMM reads the packed weight and decodes it in registers (``kernels/nvfp4_gemm.py``). On CUDA
+the activation is quantized and dequantized by one Triton kernel (``kernels/nvfp4_quant.py``) and the
+GEMM, with both global scales and the bias in its epilogue, is ``kernels/scaled_mm.py`` on the cached
+weight; on CPU the same arithmetic runs in PyTorch.
+On Blackwell (sm_100/sm_120) the packed operands go to FP4 tensor cores instead (``nvfp4_blackwell``,
+selected by capability; no dequantized weight cache then).
 
 A layer the checkpoint left unquantized (a floating ``weight`` in a quantized checkpoint arrives here
 as ``weight_unquantized``) runs as a plain linear in this precision.
@@ -30,7 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from mixquant_serve.quant import nvfp4
+from mixquant_serve.quant import nvfp4, nvfp4_blackwell
 from mixquant_serve.quant.methods import QuantMethod, Shard
 
 if TYPE_CHECKING:
@@ -39,6 +45,7 @@ from mixquant_serve.quant.nvfp4 import (
     BLOCK_SIZE,
     dequantize_nvfp4_blocks,
     nvfp4_global_scale,
+    nvfp4_row_global_scale,
     quantize_nvfp4,
     tensor_amax,
 )
@@ -78,6 +85,7 @@ class NVFP4Method(QuantMethod):
         impl.channel_scale = None  # float32 [N] weight global scale per output channel
         impl.x_scale = None  # static input global scale (0-d float32) or None: dynamic
         impl.cache = None  # dequantized blocks [N, K] (no global scale), float32 or bfloat16
+        impl.native = None  # Blackwell: the weight as FP4 tensor-core operands (nvfp4_blackwell.NativeWeight)
         return impl
 
     # -- loading ------------------------------------------------------------------------------------
@@ -156,7 +164,9 @@ class NVFP4Method(QuantMethod):
         given = [i for i in range(len(layer.output_sizes)) if ("input_scale", i) in impl.loaded]
         if given:
             impl.x_scale = impl.input_scale[given].max()
-        if os.environ.get(_CACHE_ENV, "1") != "0":
+        if nvfp4_blackwell.available(layer.device) and nvfp4_blackwell.fits(layer.input_size, layer.output_size):
+            impl.native = nvfp4_blackwell.prepare_weight(impl.weight, impl.weight_scale)
+        elif os.environ.get(_CACHE_ENV, "1") != "0":
             operand = _operand_dtype(layer.device)
             impl.cache = dequantize_nvfp4_blocks(impl.weight, impl.weight_scale, dtype=operand)
 
@@ -169,12 +179,32 @@ class NVFP4Method(QuantMethod):
         n = impl.weight.shape[0]
         if rows.shape[0] == 0:
             return x.new_empty(*x.shape[:-1], n)
-        x_scale = impl.x_scale if impl.x_scale is not None else nvfp4_global_scale(tensor_amax(rows))
+        if rows.is_cuda:
+            return self._apply_cuda(impl, rows.contiguous(), bias).reshape(*x.shape[:-1], n)
+        x_scale = impl.x_scale if impl.x_scale is not None else nvfp4_row_global_scale(rows)
         out = self._gemm(impl, rows, x_scale)
-        out *= x_scale * impl.channel_scale
+        out *= x_scale * impl.channel_scale  # [T, 1] or scalar times [N]: one float32 product per element
         if bias is not None:
             out += bias.float()
         return out.to(x.dtype).reshape(*x.shape[:-1], n)
+
+    @staticmethod
+    def _apply_cuda(impl: nn.Module, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Triton: fused activation quant-dequant, then the GEMM with global scales and bias in its epilogue."""
+        from mixquant_serve.kernels.nvfp4_gemm import nvfp4_gemm
+        from mixquant_serve.kernels.nvfp4_quant import nvfp4_quantize, nvfp4_quantize_dequantize
+        from mixquant_serve.kernels.scaled_mm import scaled_mm
+
+        if impl.native is not None:  # Blackwell: FP4 tensor cores on the packed operands
+            packed, scales, x_scale = nvfp4_quantize(rows, impl.x_scale)
+            return nvfp4_blackwell.native_mm(packed, scales, impl.native, x_scale, impl.channel_scale, bias,
+                                             rows.dtype)
+
+        x_blocks, x_scale = nvfp4_quantize_dequantize(rows, impl.x_scale, out_dtype=torch.bfloat16)
+        if impl.cache is None:  # the packed weight, decoded tile by tile in the GEMM
+            return nvfp4_gemm(x_blocks, impl.weight, impl.weight_scale, x_scale, impl.channel_scale, bias,
+                              out_dtype=rows.dtype)
+        return scaled_mm(x_blocks, impl.cache, x_scale, impl.channel_scale, bias, out_dtype=rows.dtype)
 
     @staticmethod
     def _gemm(impl: nn.Module, rows: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
@@ -192,9 +222,11 @@ class NVFP4Method(QuantMethod):
         return dense + sum(t.numel() * t.element_size() for t in impl.buffers())
 
     def cache_bytes(self, impl: nn.Module) -> int:
+        if impl.native is not None:  # the FP4 operand is a view of the packed weight; the scales are a copy
+            return impl.native.scales.numel()
         return 0 if impl.cache is None else impl.cache.numel() * impl.cache.element_size()
 
 
 def _operand_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 where a bf16 GEMM can write float32 (CUDA), else float32: both hold the operands exactly."""
-    return torch.bfloat16 if nvfp4._has_mm_out_float32(torch.device(device)) else torch.float32
+    """bfloat16 on CUDA (the Triton GEMM's operands), else float32: both hold the operands exactly."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32

@@ -13,6 +13,7 @@ from mixquant_serve.quant.nvfp4 import (
     fake_quantize_nvfp4,
     nvfp4_global_scale,
     nvfp4_matmul,
+    nvfp4_row_global_scale,
     pack_nibbles,
     quantize_nvfp4,
     tensor_amax,
@@ -247,7 +248,8 @@ def _check_matmul(x, w_packed, w_scales, w_global, x_global, out):
     x_packed, x_scales = quantize_nvfp4(x, x_global)
     a = _decode_float64(x_packed, x_scales).reshape(-1, x.shape[-1])
     b = _decode_float64(w_packed, w_scales)
-    globals_ = float(x_global) * float(w_global)
+    # a scalar input scale or one per row ([T, 1]); both scales in float64 here
+    globals_ = torch.as_tensor(x_global).double().reshape(-1, 1) * float(w_global)
     ref = (a @ b.T) * globals_
     bound = (x.shape[-1] + 4) * 2.0**-24 * (a.abs() @ b.abs().T) * globals_
     assert ((out.reshape(ref.shape).double() - ref).abs() <= bound).all()
@@ -274,12 +276,35 @@ def test_matmul_static_input_scale(weight):
 
 def test_matmul_dynamic_input_scale(weight):
     w, w_packed, w_scales, w_global = weight
-    x = torch.randn(7, 128, generator=torch.Generator().manual_seed(6)) * 3
+    # rows of very different magnitudes: a per-batch scale would push the small rows' blocks to 2**-9
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(7, 128, generator=gen) * 3 * torch.exp(3 * torch.randn(7, 1, generator=gen))
     out = nvfp4_matmul(x, w_packed, w_scales, w_global, out_dtype=torch.float32)
-    x_global = torch.tensor(x.abs().max().item() / 2688.0, dtype=torch.float32)
+    x_global = (x.abs().amax(dim=1, keepdim=True).double() / 2688.0).float()  # one per row
     _check_matmul(x, w_packed, w_scales, w_global, x_global, out)
     ref = x @ w.T
-    assert (out - ref).norm() / ref.norm() < 0.2  # ~0.095 per operand on Gaussian data, so ~0.13
+    rel = (out - ref).norm(dim=1) / ref.norm(dim=1)
+    assert (rel < 0.2).all()  # ~0.095 per operand on Gaussian data, so ~0.13, in every row
+    # batch-invariant: each row alone gives the bits it gets in the batch
+    for i in range(x.shape[0]):
+        assert torch.equal(nvfp4_matmul(x[i : i + 1], w_packed, w_scales, w_global, out_dtype=torch.float32),
+                           out[i : i + 1])
+
+
+def test_per_row_global_scale_is_each_rows_own():
+    gen = torch.Generator().manual_seed(10)
+    x = _heavy_tailed((6, 64), torch.bfloat16, gen)
+    x[2] = 0.0
+    scale = nvfp4_row_global_scale(x)
+    assert scale.shape == (6, 1) and scale.dtype == torch.float32
+    for i in range(6):
+        assert _bits(scale[i, 0]) == _bits(nvfp4_global_scale(tensor_amax(x[i])))
+        row = quantize_nvfp4(x[i], scale[i, 0])  # a per-row scale quantizes each row as its own tensor
+        packed, scales = quantize_nvfp4(x, scale)
+        assert torch.equal(packed[i], row[0]) and torch.equal(_bits(scales[i]), _bits(row[1]))
+        assert torch.equal(dequantize_nvfp4(packed, scales, scale)[i], dequantize_nvfp4(*row, scale[i, 0]))
+    with pytest.raises(ValueError, match="one per row"):
+        quantize_nvfp4(x, scale[:5])
 
 
 def test_matmul_blocks_are_exact(weight):
@@ -319,5 +344,5 @@ def test_cuda_matches_cpu(dtype):
     out_gpu = nvfp4_matmul(
         x.cuda(), w_packed.cuda(), w_scales.cuda(), w_global.cuda(), out_dtype=torch.float32
     )
-    _check_matmul(x, w_packed, w_scales, w_global, nvfp4_global_scale(tensor_amax(x)), out_gpu.cpu())
+    _check_matmul(x, w_packed, w_scales, w_global, nvfp4_row_global_scale(x), out_gpu.cpu())
     assert torch.allclose(out_gpu.cpu(), out_cpu, rtol=1e-4, atol=1e-6 * out_cpu.abs().max().item())

@@ -1,0 +1,114 @@
+"""FP8 (E4M3) per-token activation quantization in one Triton kernel.
+
+Oracle: ``quant/fp8.py: quantize_fp8_per_token``, matched bit for bit. Per row: ``amax = max|x|`` (NaN if
+the row holds one), ``scale = fl32(max(amax, 1e-12)) / 448`` as a true float32 division, then
+``e4m3(clamp(x / scale, -448, 448))``, dividing truly again (``tl.div_rn``: Triton's ``/`` on float32 is
+an approximate division on the GPU).
+
+The E4M3 rounding is done here in integer arithmetic (``e4m3_round``) and the kernel stores bytes, so
+the result does not depend on how a Triton version lowers ``.to(tl.float8e4nv)``: the CPU interpreter's
+conversion does not round to nearest-even. ``nvfp4_quant.py`` uses the same helper for its block scales.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_MAX = 448.0
+# float32(1e-12): the floor torch's clamp_min(1e-12) applies to a float32 amax
+MIN_AMAX = float(torch.tensor(1e-12, dtype=torch.float32))
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def e4m3_round(v):
+    """float32 ``v`` (|v| <= 448, or NaN) to (E4M3 byte as int32, its value as float32), nearest-even.
+
+    Normal E4M3 (|v| >= 2**-6, float32 biased exponent >= 121) keeps 3 mantissa bits; below that the
+    step is 2**-9 (subnormals). The sign is kept, so -0.0 and a negative value that rounds to zero give
+    0x80; NaN gives 0x7F | sign, as torch's cast does.
+    """
+    bits = v.to(tl.int32, bitcast=True)
+    neg = bits < 0
+    mag = bits & 0x7FFFFFFF
+    exp = mag >> 23
+    # normal: drop 20 mantissa bits, ties to even; a carry moves into the exponent by itself
+    top = (mag + 0x7FFFF + ((mag >> 20) & 1)) >> 20
+    normal_code = top - ((127 - 7) << 3)
+    normal_val = (top << 20).to(tl.float32, bitcast=True)
+    # subnormal: q = round_half_even(v / 2**-9) from the 24-bit significand, q in 0..8
+    sig = (mag & 0x7FFFFF) | 0x800000
+    shift = tl.maximum(tl.minimum(141 - exp, 26), 1)
+    q = (sig + (1 << (shift - 1)) - 1 + ((sig >> shift) & 1)) >> shift
+    q = tl.where(exp == 0, 0, q)
+    sub = exp < 121
+    code = tl.where(sub, q, normal_code)
+    val = tl.where(sub, q.to(tl.float32) * 0.001953125, normal_val)
+    is_nan = mag > 0x7F800000
+    code = tl.where(is_nan, 0x7F, code) | tl.where(neg, 0x80, 0)
+    val = tl.where(neg, -val, val)
+    # NaN as torch decodes E4M3 0x7F/0xFF: 0x7FF00000 / 0xFFF00000 (-1048576 as int32)
+    val = tl.where(is_nan, tl.where(neg, -1048576, 0x7FF00000).to(tl.float32, bitcast=True), val)
+    return code, val
+
+
+@triton.jit
+def _row_amax(x_ptr, row_off, K, BLOCK: tl.constexpr):
+    """max |x| over one row as float32; NaN when the row holds a NaN (tl.max alone would skip it)."""
+    cols = tl.arange(0, BLOCK)
+    amax = tl.zeros([BLOCK], tl.float32)
+    nan = tl.zeros([BLOCK], tl.int32)
+    for k0 in range(0, K, BLOCK):
+        x = tl.load(x_ptr + row_off + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+        nan = nan | (x != x).to(tl.int32)
+    return tl.where(tl.max(nan, 0) > 0, float("nan"), tl.max(amax, 0))
+
+
+@triton.jit
+def _fp8_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr,
+                          MIN_AMAX: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    amax = _row_amax(x_ptr, row * stride_x, K, BLOCK)
+    amax = tl.where(amax < MIN_AMAX, MIN_AMAX, amax)  # a comparison, so NaN stays NaN
+    scale = tl.div_rn(amax, tl.full([], 448.0, tl.float32))
+    tl.store(s_ptr + row, scale)
+    cols = tl.arange(0, BLOCK)
+    for k0 in range(0, K, BLOCK):
+        mask = k0 + cols < K
+        x = tl.load(x_ptr + row * stride_x + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+        y = tl.div_rn(x, tl.zeros([BLOCK], tl.float32) + scale)
+        y = tl.where(y > 448.0, 448.0, tl.where(y < -448.0, -448.0, y))
+        code, _ = e4m3_round(y)
+        tl.store(q_ptr + row * stride_q + k0 + cols, code.to(tl.uint8), mask=mask)
+
+
+def check_triton_device(x: torch.Tensor) -> None:
+    """Kernels run on CUDA, or on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1)."""
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"a Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1), got {x.device}")
+
+
+def fp8_quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [T, K]`` (float32/bfloat16/float16, unit stride along K) to ``(x_fp8 [T, K], scale [T, 1])``.
+
+    ``x_fp8`` is float8_e4m3fn, ``scale`` float32; bit-identical to ``quantize_fp8_per_token``.
+    """
+    if x.dim() != 2 or x.dtype not in _FLOAT_DTYPES or x.shape[1] == 0:
+        raise ValueError(f"want a 2-D float32/bfloat16/float16 activation with K > 0, got {tuple(x.shape)} "
+                         f"{x.dtype}")
+    if x.stride(1) != 1 and x.shape[1] > 1:
+        raise ValueError(f"want unit stride along K, got strides {x.stride()}")
+    check_triton_device(x)
+    t, k = x.shape
+    q = torch.empty(t, k, dtype=torch.uint8, device=x.device)
+    scale = torch.empty(t, 1, dtype=torch.float32, device=x.device)
+    if t:
+        block = min(triton.next_power_of_2(k), 4096)
+        _fp8_per_token_kernel[(t,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK=block, MIN_AMAX=MIN_AMAX,
+                                    num_warps=4 if block <= 1024 else 8)
+    return q.view(torch.float8_e4m3fn), scale

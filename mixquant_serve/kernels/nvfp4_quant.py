@@ -1,0 +1,162 @@
+"""NVFP4 activation quantization (16-element blocks) in one Triton kernel, one program per row.
+
+Oracle: ``quant/nvfp4.py`` (``quantize_nvfp4``, ``dequantize_nvfp4_blocks``, ``nvfp4_row_global_scale``),
+matched bit for bit:
+- global scale: a float32 scalar, one per row, or (None) computed per row here as
+  ``fl32(max(amax_row, 6 * 448 * tiny)) / 2688``, a true division (``tl.div_rn``);
+- ``block_scale = e4m3(clamp(where(s == 0, 1, s), 2**-9, 448))`` with ``s = block_amax / fl32(6 * gs)``;
+- ``code = rne_e2m1(x / fl32(block_scale * gs))`` with Model Optimizer's sign (``x < 0``, so a small
+  negative value gives the "negative zero" nibble 0x8) and NaN (the block's scale is NaN, codes 0x7);
+- packed low nibble first, or (``nvfp4_quantize_dequantize``) the exact ``e2m1 * block_scale`` without
+  the global scale, which is what the emulated GEMM consumes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mixquant_serve.kernels.fp8_quant import _row_amax, check_triton_device, e4m3_round
+
+BLOCK_SIZE = 16
+# float32(6 * 448 * float32.tiny): the floor of a per-row amax (nvfp4_global_scale's)
+AMAX_FLOOR = float(torch.tensor(6.0 * 448.0 * torch.finfo(torch.float32).tiny, dtype=torch.float32))
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _e2m1_code(y):
+    """Scaled float32 values to E2M1 nibbles (int32): round half to even, saturate at 6, NaN -> 7."""
+    mag = tl.abs(y)
+    code = tl.where(y < 0, 8, 0)
+    # bound i between codes i and i+1 moves up on a tie only when i+1 is even (`<=` vs `<`); NaN moves up
+    code += tl.where(mag <= 0.25, 0, 1)
+    code += tl.where(mag < 0.75, 0, 1)
+    code += tl.where(mag <= 1.25, 0, 1)
+    code += tl.where(mag < 1.75, 0, 1)
+    code += tl.where(mag <= 2.5, 0, 1)
+    code += tl.where(mag < 3.5, 0, 1)
+    code += tl.where(mag <= 5.0, 0, 1)
+    return code
+
+
+@triton.jit
+def _e2m1_value(code):
+    """Nibbles to float32 values; 0x8 is +0.0 (Model Optimizer's table)."""
+    idx = code & 7
+    mag = tl.where(idx < 4, idx.to(tl.float32) * 0.5, tl.where(idx == 7, 6.0, (idx - 2).to(tl.float32)))
+    return tl.where(code >= 8, 0.0 - mag, mag)
+
+
+@triton.jit
+def _row_global_scale(x_ptr, gs_ptr, row, row_off, K, gs_stride, DYNAMIC: tl.constexpr, BLOCK: tl.constexpr,
+                      AMAX_FLOOR: tl.constexpr):
+    if DYNAMIC:
+        amax = _row_amax(x_ptr, row_off, K, BLOCK)
+        amax = tl.where(amax < AMAX_FLOOR, AMAX_FLOOR, amax)
+        gs = tl.div_rn(amax, tl.full([], 2688.0, tl.float32))
+        tl.store(gs_ptr + row, gs)
+    else:
+        gs = tl.load(gs_ptr + row * gs_stride)
+    return gs
+
+
+@triton.jit
+def _nvfp4_quant_kernel(x_ptr, gs_ptr, packed_ptr, scale_ptr, deq_ptr, K, stride_x, gs_stride, stride_p,
+                        stride_s, stride_d, DYNAMIC: tl.constexpr, DEQUANT: tl.constexpr, NB: tl.constexpr,
+                        AMAX_FLOOR: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    gs = _row_global_scale(x_ptr, gs_ptr, row, row * stride_x, K, gs_stride, DYNAMIC, NB * 16, AMAX_FLOOR)
+    six_gs = gs * 6.0
+    blk = tl.arange(0, NB)[:, None]
+    pair = tl.arange(0, 8)[None, :]
+    for k0 in range(0, K, NB * 16):
+        even = k0 + blk * 16 + 2 * pair  # [NB, 8]: elements 2j and 2j+1 of each block
+        mask = even < K
+        xe = tl.load(x_ptr + row * stride_x + even, mask=mask, other=0.0).to(tl.float32)
+        xo = tl.load(x_ptr + row * stride_x + even + 1, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(xe), 1), tl.max(tl.abs(xo), 1))
+        nan = tl.max(((xe != xe) | (xo != xo)).to(tl.int32), 1) > 0
+        s = tl.where(nan, float("nan"), tl.div_rn(amax, tl.zeros([NB], tl.float32) + six_gs))
+        s = tl.where(s == 0, 1.0, s)
+        s = tl.where(s < 0.001953125, 0.001953125, tl.where(s > 448.0, 448.0, s))  # NaN passes through
+        s_code, s_val = e4m3_round(s)
+        divisor = (s_val * gs)[:, None]
+        ce = _e2m1_code(tl.div_rn(xe, divisor + tl.zeros([NB, 8], tl.float32)))
+        co = _e2m1_code(tl.div_rn(xo, divisor + tl.zeros([NB, 8], tl.float32)))
+        if DEQUANT:
+            out = deq_ptr + row * stride_d + even
+            tl.store(out, (_e2m1_value(ce) * s_val[:, None]).to(deq_ptr.dtype.element_ty), mask=mask)
+            tl.store(out + 1, (_e2m1_value(co) * s_val[:, None]).to(deq_ptr.dtype.element_ty), mask=mask)
+        else:
+            byte = (ce | (co << 4)).to(tl.uint8)
+            tl.store(packed_ptr + row * stride_p + k0 // 2 + blk * 8 + pair, byte, mask=mask)
+            blocks = k0 // 16 + tl.arange(0, NB)
+            tl.store(scale_ptr + row * stride_s + blocks, s_code.to(tl.uint8), mask=blocks < K // 16)
+
+
+def _check_x(x: torch.Tensor) -> None:
+    if x.dim() != 2 or x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"want a 2-D float32/bfloat16/float16 activation, got {tuple(x.shape)} {x.dtype}")
+    if x.shape[1] == 0 or x.shape[1] % BLOCK_SIZE:
+        raise ValueError(f"K ({x.shape[1]}) must be a positive multiple of {BLOCK_SIZE}")
+    if x.stride(1) != 1:
+        raise ValueError(f"want unit stride along K, got strides {x.stride()}")
+    check_triton_device(x)
+
+
+def _global_scale(x: torch.Tensor, global_scale: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """The float32 scale buffer the kernel reads (or, dynamic, writes) and its stride per row."""
+    t = x.shape[0]
+    if global_scale is None:
+        return torch.empty(t, 1, dtype=torch.float32, device=x.device), 1
+    if global_scale.dtype != torch.float32 or global_scale.device != x.device:
+        raise ValueError(f"the global scale must be float32 on {x.device}, got {global_scale.dtype} "
+                         f"on {global_scale.device}")
+    if global_scale.numel() == 1:
+        return global_scale.reshape(()), 0
+    if global_scale.numel() != t:
+        raise ValueError(f"the global scale must be a scalar or one per row ({t}), got {tuple(global_scale.shape)}")
+    return global_scale.reshape(t, 1).contiguous(), 1
+
+
+def _launch(x: torch.Tensor, global_scale: torch.Tensor | None, packed: torch.Tensor, scales: torch.Tensor,
+            deq: torch.Tensor, dequant: bool) -> torch.Tensor:
+    gs, gs_stride = _global_scale(x, global_scale)
+    t, k = x.shape
+    if t:
+        nb = min(triton.next_power_of_2(k // BLOCK_SIZE), 128)
+        _nvfp4_quant_kernel[(t,)](x, gs, packed, scales, deq, k, x.stride(0), gs_stride, packed.stride(0),
+                                  scales.stride(0), deq.stride(0), DYNAMIC=global_scale is None,
+                                  DEQUANT=dequant, NB=nb, AMAX_FLOOR=AMAX_FLOOR, num_warps=4 if nb <= 32 else 8)
+    return gs
+
+
+def nvfp4_quantize(x: torch.Tensor, global_scale: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x [T, K]`` to ``(packed uint8 [T, K/2], block_scales e4m3 [T, K/16], global_scale)``.
+
+    ``global_scale``: float32 scalar, or ``[T]``/``[T, 1]`` one per row, or None for the per-row dynamic
+    scale; returned as used (float32, 0-d for a scalar, else ``[T, 1]``).
+    """
+    _check_x(x)
+    t, k = x.shape
+    packed = torch.empty(t, k // 2, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(t, k // BLOCK_SIZE, dtype=torch.uint8, device=x.device)
+    gs = _launch(x, global_scale, packed, scales, packed, dequant=False)
+    return packed, scales.view(torch.float8_e4m3fn), gs
+
+
+def nvfp4_quantize_dequantize(x: torch.Tensor, global_scale: torch.Tensor | None = None,
+                              out_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [T, K]`` to ``(blocks [T, K] out_dtype, global_scale)``: ``e2m1 * block_scale``, no global scale.
+
+    Exact in float32, bfloat16 and float16. ``global_scale`` as in ``nvfp4_quantize``.
+    """
+    _check_x(x)
+    if out_dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"out_dtype must be float32/bfloat16/float16, got {out_dtype}")
+    deq = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    gs = _launch(x, global_scale, deq, deq, deq, dequant=True)
+    return deq, gs
