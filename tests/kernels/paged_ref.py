@@ -34,7 +34,7 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table:
            q_pos: list[int], seq_len: int, row: int, scale: float) -> torch.Tensor:
     """q [n, H, D] at positions q_pos of sequence `row` -> float64 [n, H, D] (causal, keys < seq_len)."""
     pos = torch.arange(seq_len)
-    slots = table[row, pos // page_size].long() * page_size + pos % page_size
+    slots = table.cpu()[row, pos // page_size].long() * page_size + pos % page_size
     k, v = k_cache.cpu()[slots].double(), v_cache.cpu()[slots].double()  # [L, Hkv, D]
     g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
