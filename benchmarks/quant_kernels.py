@@ -1,0 +1,117 @@
+"""The quantized-prefill kernels one by one, at Qwen3-8B prefill shapes, against the limits of the same run.
+
+    python benchmarks/quant_kernels.py [--tokens 2048,8192] [--out DIR] [--record]
+
+Activation quantization (memory-bound): FP8 per token and NVFP4 quantize-dequantize (the exact-emulation
+operand) over the four linear inputs of a layer (qkv/gate_up: hidden 4096; o_proj: 4096; down: 12288),
+as GB/s of bytes read + written against the device-to-device copy bandwidth of this run (target: 70%).
+GEMMs (arithmetic-bound): BF16 cuBLAS (`torch.mm`), FP8 `torch._scaled_mm` row-wise, and the exact-NVFP4
+designs: the Triton `scaled_mm` over the dequantized BF16 weight (epilogue scales), the Triton GEMM that
+decodes the packed 4.5-bit weight in registers, and cuBLAS BF16 with a float32 output plus a separate
+scaling pass (the obvious alternative), in TFLOP/s against the BF16 peak of this run.
+Timing: CUDA events, medians (triton.testing.do_bench); fresh random inputs, never zeros.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _gpu_common import append_section, env_line, environment, fmt, limits, md_table
+
+from mixquant_serve.quant.fp8 import quantize_fp8_per_channel
+from mixquant_serve.quant.nvfp4 import dequantize_nvfp4_blocks, nvfp4_global_scale, quantize_nvfp4, tensor_amax
+
+HIDDEN, INTER, QKV = 4096, 12288, 6144
+GEMMS = {"qkv": (QKV, HIDDEN), "o_proj": (HIDDEN, HIDDEN), "gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER)}
+
+
+def bench(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def quant_rows(t: int) -> list[list]:
+    from mixquant_serve.kernels.fp8_quant import fp8_quantize_per_token
+    from mixquant_serve.kernels.nvfp4_quant import nvfp4_quantize_dequantize
+
+    rows = []
+    for k in (HIDDEN, INTER):
+        x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
+        fp8_ms = bench(lambda x=x: fp8_quantize_per_token(x))
+        fp8_bytes = t * k * (2 + 1) + t * 4
+        nv_ms = bench(lambda x=x: nvfp4_quantize_dequantize(x, None, out_dtype=torch.bfloat16))
+        nv_bytes = t * k * (2 + 2) + t * 4
+        rows.append([t, k, "fp8 per token", fp8_ms, fp8_bytes / fp8_ms / 1e6])
+        rows.append([t, k, "nvfp4 quant-dequant (bf16 operand)", nv_ms, nv_bytes / nv_ms / 1e6])
+    return rows
+
+
+def gemm_rows(t: int) -> list[list]:
+    return [row for name, (n, k) in GEMMS.items() for row in one_gemm(t, name, n, k)]
+
+
+def one_gemm(t: int, name: str, n: int, k: int) -> list[list]:
+    from mixquant_serve.kernels.nvfp4_gemm import nvfp4_gemm
+    from mixquant_serve.kernels.scaled_mm import scaled_mm
+
+    x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    w8, ws = quantize_fp8_per_channel(w)
+    x8, xs = x.to(torch.float8_e4m3fn), torch.rand(t, 1, device="cuda") + 0.5
+    wp, wbs = quantize_nvfp4(w, nvfp4_global_scale(tensor_amax(w)))
+    wcache = dequantize_nvfp4_blocks(wp, wbs, dtype=torch.bfloat16)
+    xq = dequantize_nvfp4_blocks(*quantize_nvfp4(x, nvfp4_global_scale(tensor_amax(x))), dtype=torch.bfloat16)
+    rs, cs = torch.rand(t, device="cuda") + 0.5, torch.rand(n, device="cuda") + 0.5
+    cases = {
+        "bf16 cuBLAS": lambda: torch.mm(x, w.T),
+        "fp8 _scaled_mm row-wise": lambda: torch._scaled_mm(x8, w8.T, scale_a=xs, scale_b=ws.reshape(1, n),
+                                                             out_dtype=torch.bfloat16),
+        "nvfp4 exact: Triton scaled_mm, bf16 weight cache": lambda: scaled_mm(xq, wcache, rs, cs, None,
+                                                                              out_dtype=torch.bfloat16),
+        "nvfp4 exact: Triton GEMM on packed weight": lambda: nvfp4_gemm(xq, wp, wbs, rs, cs, None,
+                                                                        out_dtype=torch.bfloat16),
+        "nvfp4 exact: cuBLAS fp32 out + scale pass": lambda: (
+            torch.mm(xq, wcache.T, out_dtype=torch.float32) * (rs[:, None] * cs)).to(torch.bfloat16),
+    }
+    flops = 2 * t * n * k
+    return [[t, name, label, ms, flops / ms / 1e9] for label, ms in ((lb, bench(fn)) for lb, fn in cases.items())]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", default="2048,8192")
+    p.add_argument("--out", default=None)
+    p.add_argument("--record", action="store_true")
+    p.add_argument("--results", default=str(Path(__file__).parent / "RESULTS.md"))
+    args = p.parse_args()
+    torch.manual_seed(0)
+    lim = limits("cuda")
+    copy_gbs, peak = lim["copy"]["tbps"] * 1000, lim["peak"]["tflops"]
+    quant, gemm = [], []
+    for t in (int(x) for x in args.tokens.split(",")):
+        quant += quant_rows(t)
+        gemm += gemm_rows(t)
+        print(f"[quant_kernels] {t} tokens done", flush=True)
+    q_table = md_table(["tokens", "K", "kernel", "ms", "GB/s", "of copy bandwidth"],
+                       [[t, k, n, fmt(ms, 3), fmt(gbs, 0), f"{100 * gbs / copy_gbs:.0f}%"]
+                        for t, k, n, ms, gbs in quant])
+    g_table = md_table(["tokens", "GEMM", "kernel", "ms", "TFLOP/s", "of bf16 peak"],
+                       [[t, g, n, fmt(ms, 3), fmt(tf, 0), f"{100 * tf / peak:.0f}%"] for t, g, n, ms, tf in gemm])
+    run = {"env": environment("cuda"), "limits": lim}
+    text = f"{env_line(run)}\n\n{q_table}\n\n{g_table}\n"
+    print(text)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "quant_kernels.md").write_text(text)
+    if args.record:
+        append_section(Path(args.results), "Quantized-prefill kernels (one H200)", __doc__.split("\n\n")[1], text)
+
+
+if __name__ == "__main__":
+    main()
