@@ -81,7 +81,7 @@ def _fp8_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.
     for k0 in range(0, K, BLOCK):
         mask = k0 + cols < K
         x = tl.load(x_ptr + row * stride_x + k0 + cols, mask=mask, other=0.0).to(tl.float32)
-        y = tl.div_rn(x, tl.zeros([BLOCK], tl.float32) + scale)
+        y = tl.div_rn(x, tl.broadcast_to(scale, [BLOCK]))
         y = tl.where(y > 448.0, 448.0, tl.where(y < -448.0, -448.0, y))
         code, _ = e4m3_round(y)
         tl.store(q_ptr + row * stride_q + k0 + cols, code.to(tl.uint8), mask=mask)

@@ -78,13 +78,13 @@ def _nvfp4_quant_kernel(x_ptr, gs_ptr, packed_ptr, scale_ptr, deq_ptr, K, stride
         xo = tl.load(x_ptr + row * stride_x + even + 1, mask=mask, other=0.0).to(tl.float32)
         amax = tl.maximum(tl.max(tl.abs(xe), 1), tl.max(tl.abs(xo), 1))
         nan = tl.max(((xe != xe) | (xo != xo)).to(tl.int32), 1) > 0
-        s = tl.where(nan, float("nan"), tl.div_rn(amax, tl.zeros([NB], tl.float32) + six_gs))
+        s = tl.where(nan, float("nan"), tl.div_rn(amax, tl.broadcast_to(six_gs, [NB])))
         s = tl.where(s == 0, 1.0, s)
         s = tl.where(s < 0.001953125, 0.001953125, tl.where(s > 448.0, 448.0, s))  # NaN passes through
         s_code, s_val = e4m3_round(s)
-        divisor = (s_val * gs)[:, None]
-        ce = _e2m1_code(tl.div_rn(xe, divisor + tl.zeros([NB, 8], tl.float32)))
-        co = _e2m1_code(tl.div_rn(xo, divisor + tl.zeros([NB, 8], tl.float32)))
+        divisor = tl.broadcast_to((s_val * gs)[:, None], [NB, 8])
+        ce = _e2m1_code(tl.div_rn(xe, divisor))
+        co = _e2m1_code(tl.div_rn(xo, divisor))
         if DEQUANT:
             out = deq_ptr + row * stride_d + even
             tl.store(out, (_e2m1_value(ce) * s_val[:, None]).to(deq_ptr.dtype.element_ty), mask=mask)
