@@ -22,6 +22,10 @@ FP8_MAX = 448.0
 # float32(1e-12): the floor torch's clamp_min(1e-12) applies to a float32 amax
 MIN_AMAX = float(torch.tensor(1e-12, dtype=torch.float32))
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# rows up to ONE_CHUNK_MAX elements are read once and held in registers; longer ones are read twice
+# (amax, then quantize), CHUNK elements at a time
+ONE_CHUNK_MAX = 8192
+CHUNK = 4096
 
 
 @triton.jit
@@ -57,34 +61,52 @@ def e4m3_round(v):
 
 
 @triton.jit
+def nan_amax(x):
+    """max |x| over all of a block as float32; NaN when it holds a NaN (tl.max alone may skip it)."""
+    x = tl.reshape(x, [x.numel])
+    return tl.where(tl.max((x != x).to(tl.int32), 0) > 0, float("nan"), tl.max(tl.abs(x), 0))
+
+
+@triton.jit
 def _row_amax(x_ptr, row_off, K, BLOCK: tl.constexpr):
-    """max |x| over one row as float32; NaN when the row holds a NaN (tl.max alone would skip it)."""
+    """``nan_amax`` of one row read BLOCK elements at a time."""
     cols = tl.arange(0, BLOCK)
     amax = tl.zeros([BLOCK], tl.float32)
-    nan = tl.zeros([BLOCK], tl.int32)
     for k0 in range(0, K, BLOCK):
         x = tl.load(x_ptr + row_off + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-        nan = nan | (x != x).to(tl.int32)
-    return tl.where(tl.max(nan, 0) > 0, float("nan"), tl.max(amax, 0))
+        # elementwise running max that keeps a NaN once seen (tl.maximum may drop it)
+        amax = tl.where((x != x) | (amax != amax), float("nan"), tl.maximum(amax, tl.abs(x)))
+    return nan_amax(amax)
+
+
+@triton.jit
+def _quantize_store(x, scale, q_ptrs, mask, BLOCK: tl.constexpr):
+    y = tl.div_rn(x, tl.broadcast_to(scale, [BLOCK]))
+    y = tl.where(y > 448.0, 448.0, tl.where(y < -448.0, -448.0, y))
+    code, _ = e4m3_round(y)
+    tl.store(q_ptrs, code.to(tl.uint8), mask=mask)
 
 
 @triton.jit
 def _fp8_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr,
-                          MIN_AMAX: tl.constexpr):
+                          ONE_CHUNK: tl.constexpr, MIN_AMAX: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    amax = _row_amax(x_ptr, row * stride_x, K, BLOCK)
+    cols = tl.arange(0, BLOCK)
+    x_row, q_row = x_ptr + row * stride_x, q_ptr + row * stride_q
+    if ONE_CHUNK:  # the row stays in registers: one read
+        x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+        amax = nan_amax(x)
+    else:
+        amax = _row_amax(x_ptr, row * stride_x, K, BLOCK)
     amax = tl.where(amax < MIN_AMAX, MIN_AMAX, amax)  # a comparison, so NaN stays NaN
     scale = tl.div_rn(amax, tl.full([], 448.0, tl.float32))
     tl.store(s_ptr + row, scale)
-    cols = tl.arange(0, BLOCK)
-    for k0 in range(0, K, BLOCK):
-        mask = k0 + cols < K
-        x = tl.load(x_ptr + row * stride_x + k0 + cols, mask=mask, other=0.0).to(tl.float32)
-        y = tl.div_rn(x, tl.zeros([BLOCK], tl.float32) + scale)
-        y = tl.where(y > 448.0, 448.0, tl.where(y < -448.0, -448.0, y))
-        code, _ = e4m3_round(y)
-        tl.store(q_ptr + row * stride_q + k0 + cols, code.to(tl.uint8), mask=mask)
+    if ONE_CHUNK:
+        _quantize_store(x, scale, q_row + cols, cols < K, BLOCK)
+    else:
+        for k0 in range(0, K, BLOCK):
+            x = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+            _quantize_store(x, scale, q_row + k0 + cols, k0 + cols < K, BLOCK)
 
 
 def check_triton_device(x: torch.Tensor) -> None:
@@ -108,7 +130,8 @@ def fp8_quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     q = torch.empty(t, k, dtype=torch.uint8, device=x.device)
     scale = torch.empty(t, 1, dtype=torch.float32, device=x.device)
     if t:
-        block = min(triton.next_power_of_2(k), 4096)
-        _fp8_per_token_kernel[(t,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK=block, MIN_AMAX=MIN_AMAX,
-                                    num_warps=4 if block <= 1024 else 8)
+        one_chunk = triton.next_power_of_2(k) <= ONE_CHUNK_MAX
+        block = triton.next_power_of_2(k) if one_chunk else CHUNK
+        _fp8_per_token_kernel[(t,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK=block, ONE_CHUNK=one_chunk,
+                                    MIN_AMAX=MIN_AMAX, num_warps=4 if block <= 1024 else 8)
     return q.view(torch.float8_e4m3fn), scale

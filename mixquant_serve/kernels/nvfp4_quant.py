@@ -17,12 +17,16 @@ import torch
 import triton
 import triton.language as tl
 
-from mixquant_serve.kernels.fp8_quant import _row_amax, check_triton_device, e4m3_round
+from mixquant_serve.kernels.fp8_quant import _row_amax, check_triton_device, e4m3_round, nan_amax
 
 BLOCK_SIZE = 16
 # float32(6 * 448 * float32.tiny): the floor of a per-row amax (nvfp4_global_scale's)
 AMAX_FLOOR = float(torch.tensor(6.0 * 448.0 * torch.finfo(torch.float32).tiny, dtype=torch.float32))
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# rows of up to ONE_CHUNK_MAX_BLOCKS blocks (K <= 4096) are read once and held in registers; longer rows
+# are read CHUNK_BLOCKS blocks at a time (twice for the dynamic scale: amax, then quantize)
+ONE_CHUNK_MAX_BLOCKS = 256
+CHUNK_BLOCKS = 128
 
 
 @triton.jit
@@ -50,50 +54,70 @@ def _e2m1_value(code):
 
 
 @triton.jit
-def _row_global_scale(x_ptr, gs_ptr, row, row_off, K, gs_stride, DYNAMIC: tl.constexpr, BLOCK: tl.constexpr,
-                      AMAX_FLOOR: tl.constexpr):
-    if DYNAMIC:
-        amax = _row_amax(x_ptr, row_off, K, BLOCK)
-        amax = tl.where(amax < AMAX_FLOOR, AMAX_FLOOR, amax)
-        gs = tl.div_rn(amax, tl.full([], 2688.0, tl.float32))
-        tl.store(gs_ptr + row, gs)
-    else:
-        gs = tl.load(gs_ptr + row * gs_stride)
+def _load_pairs(x_ptr, row_off, k0, K, NB: tl.constexpr):
+    """NB blocks from element k0 as float32 ``[NB, 8]`` tiles of even and odd elements (2j, 2j+1)."""
+    even = k0 + tl.arange(0, NB)[:, None] * 16 + 2 * tl.arange(0, 8)[None, :]
+    mask = even < K  # K is a multiple of 16: whole blocks are in or out
+    xe = tl.load(x_ptr + row_off + even, mask=mask, other=0.0).to(tl.float32)
+    xo = tl.load(x_ptr + row_off + even + 1, mask=mask, other=0.0).to(tl.float32)
+    return xe, xo, even, mask
+
+
+@triton.jit
+def _dynamic_global_scale(amax, gs_ptr, row, AMAX_FLOOR: tl.constexpr):
+    """``fl32(max(amax, floor)) / 2688``, a true division; stored as the row's scale for the epilogue."""
+    amax = tl.where(amax < AMAX_FLOOR, AMAX_FLOOR, amax)  # a comparison, so NaN stays NaN
+    gs = tl.div_rn(amax, tl.full([], 2688.0, tl.float32))
+    tl.store(gs_ptr + row, gs)
     return gs
+
+
+@triton.jit
+def _quantize_pairs(xe, xo, gs, even, mask, k0, K, packed_row, scale_row, deq_row, NB: tl.constexpr,
+                    DEQUANT: tl.constexpr):
+    """Quantize NB blocks (``_load_pairs``' tiles) with global scale ``gs`` and store them."""
+    amax = tl.maximum(tl.max(tl.abs(xe), 1), tl.max(tl.abs(xo), 1))
+    nan = tl.max(((xe != xe) | (xo != xo)).to(tl.int32), 1) > 0
+    s = tl.where(nan, float("nan"), tl.div_rn(amax, tl.broadcast_to(gs * 6.0, [NB])))
+    s = tl.where(s == 0, 1.0, s)
+    s = tl.where(s < 0.001953125, 0.001953125, tl.where(s > 448.0, 448.0, s))  # NaN passes through
+    s_code, s_val = e4m3_round(s)
+    divisor = tl.broadcast_to((s_val * gs)[:, None], [NB, 8])
+    ce = _e2m1_code(tl.div_rn(xe, divisor))
+    co = _e2m1_code(tl.div_rn(xo, divisor))
+    if DEQUANT:
+        tl.store(deq_row + even, (_e2m1_value(ce) * s_val[:, None]).to(deq_row.dtype.element_ty), mask=mask)
+        tl.store(deq_row + even + 1, (_e2m1_value(co) * s_val[:, None]).to(deq_row.dtype.element_ty), mask=mask)
+    else:
+        tl.store(packed_row + even // 2, (ce | (co << 4)).to(tl.uint8), mask=mask)
+        blocks = k0 // 16 + tl.arange(0, NB)
+        tl.store(scale_row + blocks, s_code.to(tl.uint8), mask=blocks < K // 16)
 
 
 @triton.jit
 def _nvfp4_quant_kernel(x_ptr, gs_ptr, packed_ptr, scale_ptr, deq_ptr, K, stride_x, gs_stride, stride_p,
                         stride_s, stride_d, DYNAMIC: tl.constexpr, DEQUANT: tl.constexpr, NB: tl.constexpr,
-                        AMAX_FLOOR: tl.constexpr):
+                        ONE_CHUNK: tl.constexpr, AMAX_FLOOR: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    gs = _row_global_scale(x_ptr, gs_ptr, row, row * stride_x, K, gs_stride, DYNAMIC, NB * 16, AMAX_FLOOR)
-    six_gs = gs * 6.0
-    blk = tl.arange(0, NB)[:, None]
-    pair = tl.arange(0, 8)[None, :]
-    for k0 in range(0, K, NB * 16):
-        even = k0 + blk * 16 + 2 * pair  # [NB, 8]: elements 2j and 2j+1 of each block
-        mask = even < K
-        xe = tl.load(x_ptr + row * stride_x + even, mask=mask, other=0.0).to(tl.float32)
-        xo = tl.load(x_ptr + row * stride_x + even + 1, mask=mask, other=0.0).to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(xe), 1), tl.max(tl.abs(xo), 1))
-        nan = tl.max(((xe != xe) | (xo != xo)).to(tl.int32), 1) > 0
-        s = tl.where(nan, float("nan"), tl.div_rn(amax, tl.zeros([NB], tl.float32) + six_gs))
-        s = tl.where(s == 0, 1.0, s)
-        s = tl.where(s < 0.001953125, 0.001953125, tl.where(s > 448.0, 448.0, s))  # NaN passes through
-        s_code, s_val = e4m3_round(s)
-        divisor = (s_val * gs)[:, None]
-        ce = _e2m1_code(tl.div_rn(xe, divisor + tl.zeros([NB, 8], tl.float32)))
-        co = _e2m1_code(tl.div_rn(xo, divisor + tl.zeros([NB, 8], tl.float32)))
-        if DEQUANT:
-            out = deq_ptr + row * stride_d + even
-            tl.store(out, (_e2m1_value(ce) * s_val[:, None]).to(deq_ptr.dtype.element_ty), mask=mask)
-            tl.store(out + 1, (_e2m1_value(co) * s_val[:, None]).to(deq_ptr.dtype.element_ty), mask=mask)
+    row_off = row * stride_x
+    p_row, s_row, d_row = packed_ptr + row * stride_p, scale_ptr + row * stride_s, deq_ptr + row * stride_d
+    if ONE_CHUNK:  # the whole row in registers: read once, also for the dynamic scale
+        xe, xo, even, mask = _load_pairs(x_ptr, row_off, 0, K, NB)
+        if DYNAMIC:
+            a, b = nan_amax(xe), nan_amax(xo)
+            gs = _dynamic_global_scale(tl.where(a != a, a, tl.where(b != b, b, tl.maximum(a, b))), gs_ptr, row,
+                                       AMAX_FLOOR)
         else:
-            byte = (ce | (co << 4)).to(tl.uint8)
-            tl.store(packed_ptr + row * stride_p + k0 // 2 + blk * 8 + pair, byte, mask=mask)
-            blocks = k0 // 16 + tl.arange(0, NB)
-            tl.store(scale_ptr + row * stride_s + blocks, s_code.to(tl.uint8), mask=blocks < K // 16)
+            gs = tl.load(gs_ptr + row * gs_stride)
+        _quantize_pairs(xe, xo, gs, even, mask, 0, K, p_row, s_row, d_row, NB, DEQUANT)
+    else:
+        if DYNAMIC:
+            gs = _dynamic_global_scale(_row_amax(x_ptr, row_off, K, NB * 16), gs_ptr, row, AMAX_FLOOR)
+        else:
+            gs = tl.load(gs_ptr + row * gs_stride)
+        for k0 in range(0, K, NB * 16):
+            xe, xo, even, mask = _load_pairs(x_ptr, row_off, k0, K, NB)
+            _quantize_pairs(xe, xo, gs, even, mask, k0, K, p_row, s_row, d_row, NB, DEQUANT)
 
 
 def _check_x(x: torch.Tensor) -> None:
@@ -126,10 +150,13 @@ def _launch(x: torch.Tensor, global_scale: torch.Tensor | None, packed: torch.Te
     gs, gs_stride = _global_scale(x, global_scale)
     t, k = x.shape
     if t:
-        nb = min(triton.next_power_of_2(k // BLOCK_SIZE), 128)
+        blocks = triton.next_power_of_2(k // BLOCK_SIZE)
+        one_chunk = blocks <= ONE_CHUNK_MAX_BLOCKS
+        nb = blocks if one_chunk else CHUNK_BLOCKS
         _nvfp4_quant_kernel[(t,)](x, gs, packed, scales, deq, k, x.stride(0), gs_stride, packed.stride(0),
                                   scales.stride(0), deq.stride(0), DYNAMIC=global_scale is None,
-                                  DEQUANT=dequant, NB=nb, AMAX_FLOOR=AMAX_FLOOR, num_warps=4 if nb <= 32 else 8)
+                                  DEQUANT=dequant, NB=nb, ONE_CHUNK=one_chunk, AMAX_FLOOR=AMAX_FLOOR,
+                                  num_warps=4 if nb <= 32 else 8)
     return gs
 
 

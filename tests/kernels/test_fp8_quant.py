@@ -90,6 +90,20 @@ def test_strided_rows_and_nan_row(device):
     assert torch.equal(_bits(q), _bits(ref_q))
 
 
+def test_rows_read_in_chunks(device, monkeypatch):
+    """Rows longer than one chunk (K > 8192 on the GPU; forced small here): the two-pass path."""
+    from mixquant_serve.kernels import fp8_quant
+
+    monkeypatch.setattr(fp8_quant, "ONE_CHUNK_MAX", 32)
+    monkeypatch.setattr(fp8_quant, "CHUNK", 32)
+    x = _rows(torch.bfloat16, 7)[:, :80].contiguous().to(device)  # chunks of 32, 32 and 16
+    x[6, 75] = float("nan")  # in the last chunk
+    q, s = fp8_quantize_per_token(x)
+    ref_q, ref_s = quantize_fp8_per_token(x)
+    assert torch.isnan(s[6]).item()
+    assert torch.equal(_bits(q), _bits(ref_q)) and torch.equal(_bits(s), _bits(ref_s))
+
+
 def test_rejects_bad_input(device):
     with pytest.raises(ValueError, match="2-D"):
         fp8_quantize_per_token(torch.randn(2, 3, 16, device=device))

@@ -103,6 +103,20 @@ def test_crafted_blocks_side_by_side(device):
     _check(wide, None, (torch.bfloat16,))
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy on the NaN block
+def test_rows_read_in_chunks(device, monkeypatch):
+    """Rows longer than one chunk (K > 4096 on the GPU; forced small here): the two-pass path."""
+    from mixquant_serve.kernels import nvfp4_quant
+
+    monkeypatch.setattr(nvfp4_quant, "ONE_CHUNK_MAX_BLOCKS", 2)
+    monkeypatch.setattr(nvfp4_quant, "CHUNK_BLOCKS", 2)
+    x = _heavy_tailed(4, 80, torch.bfloat16, 12).to(device)  # 5 blocks: chunks of 2, 2 and 1
+    x[1, 70] = float("nan")  # in the last chunk: the whole row's dynamic scale is NaN
+    x[2, 33] = -1e-30
+    _check(x, None, (torch.bfloat16,))
+    _check(x, torch.rand(4, generator=torch.Generator().manual_seed(1)).to(device) * 0.01)
+
+
 def test_nan_block_and_negative_zero_codes(device):
     x = _crafted_blocks().to(device)
     packed, scales, _ = nvfp4_quantize(x, torch.tensor(1.0, device=device))

@@ -39,11 +39,12 @@ def _prefill(engine: Engine, prompts: dict[str, list[int]]) -> dict[str, list[to
     return done
 
 
-def test_nvfp4_prefill_kv_does_not_depend_on_the_batch(smollm_path):
-    # float32 on CPU (bfloat16 takes 1.5x as long here and tests the same thing); with the old per-batch
-    # dynamic scale this fails at the first layer's K
-    engine = Engine(smollm_path, dtype="float32", prefill_precision="nvfp4", decode_precision="bf16",
-                    enable_prefix_caching=False, max_total_tokens=512, context_length=256)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_nvfp4_prefill_kv_does_not_depend_on_the_batch(smollm_path, device):
+    # float32 (on CPU bfloat16 takes 1.5x as long and tests the same thing); with the old per-batch
+    # dynamic scale this fails at the first layer's K. On CUDA: the Triton kernels' path.
+    engine = Engine(smollm_path, dtype="float32", device=device, prefill_precision="nvfp4",
+                    decode_precision="bf16", enable_prefix_caching=False, max_total_tokens=512, context_length=256)
     tok = engine.tokenizer
     prompt = tok.encode("The capital of France is Paris, and the capital of Italy is")
     # neighbours with much larger and much smaller activations would move a per-batch scale
