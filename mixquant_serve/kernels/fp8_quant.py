@@ -5,9 +5,11 @@ the row holds one), ``scale = fl32(max(amax, 1e-12)) / 448`` as a true float32 d
 ``e4m3(clamp(x / scale, -448, 448))``, dividing truly again (``tl.div_rn``: Triton's ``/`` on float32 is
 an approximate division on the GPU).
 
-The E4M3 rounding is done here in integer arithmetic (``e4m3_round``) and the kernel stores bytes, so
-the result does not depend on how a Triton version lowers ``.to(tl.float8e4nv)``: the CPU interpreter's
-conversion does not round to nearest-even. ``nvfp4_quant.py`` uses the same helper for its block scales.
+On the GPU the E4M3 rounding is the hardware conversion (``cvt.rn.satfinite`` on Hopper: nearest-even,
+as torch's cast); in Triton's CPU interpreter, whose conversion does not round to nearest-even, it is done
+in integer arithmetic (``e4m3_round``, also the oracle of the GPU path in the tests). The integer path costs
+about 30 ALU operations an element and made the kernel compute-bound (28% of copy bandwidth on an H200).
+``nvfp4_quant.py`` uses the same switch for its block scales.
 """
 
 from __future__ import annotations
@@ -61,6 +63,20 @@ def e4m3_round(v):
 
 
 @triton.jit
+def e4m3_code_value(v, HW: tl.constexpr):
+    """``e4m3_round`` (byte as int32, value as float32): by the hardware conversion when HW."""
+    if HW:
+        f8 = v.to(tl.float8e4nv)
+        return f8.to(tl.uint8, bitcast=True).to(tl.int32), f8.to(tl.float32)
+    return e4m3_round(v)
+
+
+def hardware_cast(x: torch.Tensor) -> bool:
+    """Whether kernels on x's device may use the GPU's float8 conversion (not in the CPU interpreter)."""
+    return x.device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+@triton.jit
 def nan_amax(x):
     """max |x| over all of a block as float32; NaN when it holds a NaN (tl.max alone may skip it)."""
     x = tl.reshape(x, [x.numel])
@@ -80,16 +96,16 @@ def _row_amax(x_ptr, row_off, K, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _quantize_store(x, scale, q_ptrs, mask, BLOCK: tl.constexpr):
+def _quantize_store(x, scale, q_ptrs, mask, BLOCK: tl.constexpr, HW: tl.constexpr):
     y = tl.div_rn(x, tl.broadcast_to(scale, [BLOCK]))
     y = tl.where(y > 448.0, 448.0, tl.where(y < -448.0, -448.0, y))
-    code, _ = e4m3_round(y)
+    code, _ = e4m3_code_value(y, HW)
     tl.store(q_ptrs, code.to(tl.uint8), mask=mask)
 
 
 @triton.jit
 def _fp8_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr,
-                          ONE_CHUNK: tl.constexpr, MIN_AMAX: tl.constexpr):
+                          ONE_CHUNK: tl.constexpr, MIN_AMAX: tl.constexpr, HW: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     x_row, q_row = x_ptr + row * stride_x, q_ptr + row * stride_q
@@ -102,11 +118,11 @@ def _fp8_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.
     scale = tl.div_rn(amax, tl.full([], 448.0, tl.float32))
     tl.store(s_ptr + row, scale)
     if ONE_CHUNK:
-        _quantize_store(x, scale, q_row + cols, cols < K, BLOCK)
+        _quantize_store(x, scale, q_row + cols, cols < K, BLOCK, HW)
     else:
         for k0 in range(0, K, BLOCK):
             x = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
-            _quantize_store(x, scale, q_row + k0 + cols, k0 + cols < K, BLOCK)
+            _quantize_store(x, scale, q_row + k0 + cols, k0 + cols < K, BLOCK, HW)
 
 
 def check_triton_device(x: torch.Tensor) -> None:
@@ -133,5 +149,5 @@ def fp8_quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         one_chunk = triton.next_power_of_2(k) <= ONE_CHUNK_MAX
         block = triton.next_power_of_2(k) if one_chunk else CHUNK
         _fp8_per_token_kernel[(t,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK=block, ONE_CHUNK=one_chunk,
-                                    MIN_AMAX=MIN_AMAX, num_warps=4 if block <= 1024 else 8)
+                                    MIN_AMAX=MIN_AMAX, HW=hardware_cast(x), num_warps=4 if block <= 1024 else 8)
     return q.view(torch.float8_e4m3fn), scale

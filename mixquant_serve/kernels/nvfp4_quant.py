@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mixquant_serve.kernels.fp8_quant import _row_amax, check_triton_device, e4m3_round, nan_amax
+from mixquant_serve.kernels.fp8_quant import _row_amax, check_triton_device, e4m3_code_value, hardware_cast, nan_amax
 
 BLOCK_SIZE = 16
 # float32(6 * 448 * float32.tiny): the floor of a per-row amax (nvfp4_global_scale's)
@@ -55,12 +55,13 @@ def _e2m1_value(code):
 
 @triton.jit
 def _load_pairs(x_ptr, row_off, k0, K, NB: tl.constexpr):
-    """NB blocks from element k0 as float32 ``[NB, 8]`` tiles of even and odd elements (2j, 2j+1)."""
-    even = k0 + tl.arange(0, NB)[:, None] * 16 + 2 * tl.arange(0, 8)[None, :]
-    mask = even < K  # K is a multiple of 16: whole blocks are in or out
-    xe = tl.load(x_ptr + row_off + even, mask=mask, other=0.0).to(tl.float32)
-    xo = tl.load(x_ptr + row_off + even + 1, mask=mask, other=0.0).to(tl.float32)
-    return xe, xo, even, mask
+    """NB blocks from element k0 as float32 ``[NB, 8]`` tiles of even and odd elements (2j, 2j+1), read as
+    contiguous ``[NB, 16]`` rows (wide loads) and split in registers; also the offsets and mask of the rows."""
+    offs = k0 + tl.arange(0, NB)[:, None] * 16 + tl.arange(0, 16)[None, :]
+    mask = offs < K  # K is a multiple of 16: whole blocks are in or out
+    x = tl.load(x_ptr + row_off + offs, mask=mask, other=0.0).to(tl.float32)
+    xe, xo = tl.split(tl.reshape(x, [NB, 8, 2]))
+    return xe, xo, offs, mask
 
 
 @triton.jit
@@ -73,23 +74,24 @@ def _dynamic_global_scale(amax, gs_ptr, row, AMAX_FLOOR: tl.constexpr):
 
 
 @triton.jit
-def _quantize_pairs(xe, xo, gs, even, mask, k0, K, packed_row, scale_row, deq_row, NB: tl.constexpr,
-                    DEQUANT: tl.constexpr):
+def _quantize_pairs(xe, xo, gs, offs, mask, k0, K, packed_row, scale_row, deq_row, NB: tl.constexpr,
+                    DEQUANT: tl.constexpr, HW: tl.constexpr):
     """Quantize NB blocks (``_load_pairs``' tiles) with global scale ``gs`` and store them."""
     amax = tl.maximum(tl.max(tl.abs(xe), 1), tl.max(tl.abs(xo), 1))
     nan = tl.max(((xe != xe) | (xo != xo)).to(tl.int32), 1) > 0
     s = tl.where(nan, float("nan"), tl.div_rn(amax, tl.broadcast_to(gs * 6.0, [NB])))
     s = tl.where(s == 0, 1.0, s)
     s = tl.where(s < 0.001953125, 0.001953125, tl.where(s > 448.0, 448.0, s))  # NaN passes through
-    s_code, s_val = e4m3_round(s)
+    s_code, s_val = e4m3_code_value(s, HW)
     divisor = tl.broadcast_to((s_val * gs)[:, None], [NB, 8])
     ce = _e2m1_code(tl.div_rn(xe, divisor))
     co = _e2m1_code(tl.div_rn(xo, divisor))
     if DEQUANT:
-        tl.store(deq_row + even, (_e2m1_value(ce) * s_val[:, None]).to(deq_row.dtype.element_ty), mask=mask)
-        tl.store(deq_row + even + 1, (_e2m1_value(co) * s_val[:, None]).to(deq_row.dtype.element_ty), mask=mask)
+        values = tl.reshape(tl.join(_e2m1_value(ce), _e2m1_value(co)), [NB, 16]) * s_val[:, None]
+        tl.store(deq_row + offs, values.to(deq_row.dtype.element_ty), mask=mask)
     else:
-        tl.store(packed_row + even // 2, (ce | (co << 4)).to(tl.uint8), mask=mask)
+        pk = k0 // 2 + tl.arange(0, NB)[:, None] * 8 + tl.arange(0, 8)[None, :]
+        tl.store(packed_row + pk, (ce | (co << 4)).to(tl.uint8), mask=pk < K // 2)
         blocks = k0 // 16 + tl.arange(0, NB)
         tl.store(scale_row + blocks, s_code.to(tl.uint8), mask=blocks < K // 16)
 
@@ -97,27 +99,27 @@ def _quantize_pairs(xe, xo, gs, even, mask, k0, K, packed_row, scale_row, deq_ro
 @triton.jit
 def _nvfp4_quant_kernel(x_ptr, gs_ptr, packed_ptr, scale_ptr, deq_ptr, K, stride_x, gs_stride, stride_p,
                         stride_s, stride_d, DYNAMIC: tl.constexpr, DEQUANT: tl.constexpr, NB: tl.constexpr,
-                        ONE_CHUNK: tl.constexpr, AMAX_FLOOR: tl.constexpr):
+                        ONE_CHUNK: tl.constexpr, AMAX_FLOOR: tl.constexpr, HW: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     row_off = row * stride_x
     p_row, s_row, d_row = packed_ptr + row * stride_p, scale_ptr + row * stride_s, deq_ptr + row * stride_d
     if ONE_CHUNK:  # the whole row in registers: read once, also for the dynamic scale
-        xe, xo, even, mask = _load_pairs(x_ptr, row_off, 0, K, NB)
+        xe, xo, offs, mask = _load_pairs(x_ptr, row_off, 0, K, NB)
         if DYNAMIC:
             a, b = nan_amax(xe), nan_amax(xo)
             gs = _dynamic_global_scale(tl.where(a != a, a, tl.where(b != b, b, tl.maximum(a, b))), gs_ptr, row,
                                        AMAX_FLOOR)
         else:
             gs = tl.load(gs_ptr + row * gs_stride)
-        _quantize_pairs(xe, xo, gs, even, mask, 0, K, p_row, s_row, d_row, NB, DEQUANT)
+        _quantize_pairs(xe, xo, gs, offs, mask, 0, K, p_row, s_row, d_row, NB, DEQUANT, HW)
     else:
         if DYNAMIC:
             gs = _dynamic_global_scale(_row_amax(x_ptr, row_off, K, NB * 16), gs_ptr, row, AMAX_FLOOR)
         else:
             gs = tl.load(gs_ptr + row * gs_stride)
         for k0 in range(0, K, NB * 16):
-            xe, xo, even, mask = _load_pairs(x_ptr, row_off, k0, K, NB)
-            _quantize_pairs(xe, xo, gs, even, mask, k0, K, p_row, s_row, d_row, NB, DEQUANT)
+            xe, xo, offs, mask = _load_pairs(x_ptr, row_off, k0, K, NB)
+            _quantize_pairs(xe, xo, gs, offs, mask, k0, K, p_row, s_row, d_row, NB, DEQUANT, HW)
 
 
 def _check_x(x: torch.Tensor) -> None:
@@ -156,6 +158,7 @@ def _launch(x: torch.Tensor, global_scale: torch.Tensor | None, packed: torch.Te
         _nvfp4_quant_kernel[(t,)](x, gs, packed, scales, deq, k, x.stride(0), gs_stride, packed.stride(0),
                                   scales.stride(0), deq.stride(0), DYNAMIC=global_scale is None,
                                   DEQUANT=dequant, NB=nb, ONE_CHUNK=one_chunk, AMAX_FLOOR=AMAX_FLOOR,
+                                  HW=hardware_cast(x),
                                   num_warps=4 if nb <= 32 else 8)
     return gs
 
