@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernels.conftest import DOT_DTYPES
+from kernels.conftest import DOT_DTYPES, ON_GPU
 from kernels.paged_ref import attend, page_table, random_cache
 
 from mixquant_serve.kernels.extend_attention import extend_attention
@@ -47,7 +47,7 @@ def test_matches_dense_float64(device, dtype, heads, kv_heads, head_dim, page_si
 
 def test_default_blocks(device):
     """The default 64x64 blocks: several query blocks for one row, a long prefix, an odd head_dim."""
-    _run(device, torch.float32, 4, 2, 96, 16, [100, 0, 7], [130, 64, 2], seed=1)
+    _run(device, torch.float32, 2, 1, 96, 16, [100, 0, 7], [130, 64, 2], seed=1)
 
 
 @pytest.mark.gpu
@@ -67,3 +67,15 @@ def test_rejects_bad_inputs(device):
         extend_attention(q, k, k, table, i32([0, 1, 3]), i32([0]), i32([3]), 16, 0.125, 3)
     with pytest.raises(ValueError, match="head_dim"):
         extend_attention(q, k[..., :32], k[..., :32], table, i32([0, 3]), i32([0]), i32([3]), 16, 0.125, 3)
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU every test compiles and launches the kernels")
+def test_compiles_for_hopper_with_pipelined_kv_loads():
+    from kernels.hopper_compile import compile_for_hopper
+
+    pointers = dict(Q="bf16", K="bf16", V="bf16", Out="bf16", PageTable="i32", QStartLoc="i32", PrefixLens="i32")
+    (kernel,) = compile_for_hopper([dict(
+        module="mixquant_serve.kernels.extend_attention", kernel="_extend_kernel", pointers=pointers,
+        options=dict(num_warps=4, num_stages=2),
+        constexprs=dict(G=4, HEAD_DIM=128, PAGE_SIZE=16, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, DOT_PREC="tf32"))])
+    assert kernel["async_copies"] >= 2 and kernel["shared"] <= 200 * 1024
