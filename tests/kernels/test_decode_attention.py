@@ -97,7 +97,8 @@ def test_compiles_for_hopper_with_pipelined_kv_loads():
         dict(module=module, kernel="_decode_split_kernel", pointers=pointers, options=dict(num_warps=4, num_stages=2),
              constexprs=dict(G=4, HEAD_DIM=128, PAGE_SIZE=16, NUM_SPLITS=8, BLOCK_G=16, BLOCK_N=64, BLOCK_D=128,
                              DOT_PREC="tf32")),
-        dict(module=module, kernel="_decode_reduce_kernel", pointers=pointers, options=dict(num_warps=4),
+        dict(module="mixquant_serve.kernels.merge_attention", kernel="_merge_kernel", pointers=pointers,
+             options=dict(num_warps=4),
              constexprs=dict(HEAD_DIM=128, NUM_SPLITS=8, BLOCK_S=8, BLOCK_D=128)),
     ])
     assert split["async_copies"] >= 2  # K and V tiles prefetched while the previous block computes
