@@ -8,7 +8,8 @@ attention) of TritonBackend replayed in a CUDA graph over static metadata, the b
 given launch parameters and with one split, and TorchRefBackend's forward (the peer). The limit is the
 time to read the K/V bytes at the bandwidth of a same-run device-to-device copy.
 Extend (B sequences of `new` tokens after a cached `prefix`): TritonBackend's forward with the Triton
-kernel, with SDPA where it applies (one sequence, no prefix), and TorchRefBackend's (the peer); the limit
+kernel (its default KV splits), the bare kernel with one split, the forward with SDPA where it applies
+(one sequence, no prefix), and TorchRefBackend's (the peer); the limit
 is the causal FLOPs at the dense BF16 peak given by --peak-tflops (989 for an H100/H200 SXM).
 """
 
@@ -26,6 +27,7 @@ import triton
 
 from mixquant_serve.config import KVLayout
 from mixquant_serve.kernels.decode_attention import decode_attention
+from mixquant_serve.kernels.extend_attention import extend_attention
 from mixquant_serve.kvcache.storage import KVStorage
 from mixquant_serve.layers.attention.base import SeqSlice
 from mixquant_serve.layers.attention.torch_ref import TorchRefBackend
@@ -33,7 +35,7 @@ from mixquant_serve.layers.attention.triton_backend import TritonBackend
 
 H, HKV, D, PAGE = 32, 8, 128, 16
 DECODE = [(1, 4096), (8, 4096), (32, 2048), (64, 4096), (128, 1024), (8, 32768)]
-EXTEND = [(1, 0, 2048), (1, 0, 8192), (1, 8192, 512), (8, 4096, 128), (16, 0, 512), (4, 2048, 1)]
+EXTEND = [(1, 0, 2048), (1, 0, 8192), (1, 8192, 512), (1, 16384, 64), (8, 4096, 128), (16, 0, 512), (4, 2048, 3)]
 SMOKE_DECODE, SMOKE_EXTEND = [(3, 40)], [(1, 0, 20), (2, 16, 5)]
 
 
@@ -107,8 +109,12 @@ def extend_row(b: int, prefix: int, new: int, device: torch.device, dtype: torch
     seqs = [SeqSlice(p, prefix, new) for p in pages]
     q, k, v = qkv(b * new, device, dtype)
     meta, ref_meta = tri.plan(seqs), ref.plan(seqs)
-    row = {"case": f"extend B={b} prefix={prefix} new={new}"}
+    row = {"case": f"extend B={b} prefix={prefix} new={new}", "splits": meta.num_splits}
     row["triton_ms"] = bench(lambda: tri.forward(0, q, k, v, meta))
+    kc, vc = storage.flat(0)
+    row["kernel_1split_ms"] = bench(lambda: extend_attention(q, kc, vc, meta.page_table, meta.q_start_loc,
+                                                             meta.prefix_lens, meta.seq_lens, PAGE, D**-0.5,
+                                                             meta.max_q_len))
     if b == 1 and prefix == 0:
         tri.sdpa_prefill = True
         sdpa_meta = tri.plan(seqs)
