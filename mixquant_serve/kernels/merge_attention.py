@@ -17,7 +17,7 @@ def _merge_kernel(
     PartO, PartLse, Out, stride_or, stride_oh,
     HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    r = tl.program_id(0)
+    r = tl.program_id(0).to(tl.int64)  # rows x heads x splits x head_dim may pass 2**31 (long extends)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)

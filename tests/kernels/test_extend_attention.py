@@ -36,9 +36,9 @@ def _run(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, he
 @pytest.mark.parametrize("dtype", DOT_DTYPES)
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "page_size", "prefix", "new", "num_splits"), [
     (2, 2, 64, 16, [0, 0, 16], [16, 17, 1], 1),  # GQA 1, page boundaries, a one-token row
-    (8, 2, 128, 16, [5, 0, 32], [40, 3, 20], 3),  # GQA 4, prefix hits mid-page and on a page boundary
+    (8, 2, 128, 16, [5, 0, 32], [40, 3, 20], 1),  # GQA 4, prefix hits mid-page and on a page boundary
     (8, 1, 64, 1, [3, 0], [9, 20], 2),  # GQA 8, one token per page
-    (4, 1, 128, 64, [64, 70], [1, 60], 4),  # big pages, the new tokens crossing one
+    (4, 1, 128, 64, [64, 70], [1, 60], 2),  # big pages, the new tokens crossing one
 ])
 def test_matches_dense_float64(device, dtype, heads, kv_heads, head_dim, page_size, prefix, new, num_splits):
     _run(device, dtype, heads, kv_heads, head_dim, page_size, prefix, new, seed=sum(new), num_splits=num_splits,
