@@ -2,7 +2,7 @@
 
 Program (b, kv_head, split) attends all G = H / Hkv query heads of one KV head over one slice of the
 sequence's keys, so each KV page is read once; it writes a float32 partial output and its log-sum-exp
-(base 2), and a reduce kernel merges the splits. The split count is a launch parameter that does not
+(base 2), and merge_attention combines the splits. The split count is a launch parameter that does not
 depend on the sequence lengths (each split takes ceil(seq_len / num_splits) keys, rounded up to whole
 key blocks, computed in the kernel), so one launch can be captured in a CUDA graph and replayed with
 other lengths. A row with seq_len 0 (a padding row) gets zeros.
@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from mixquant_serve.kernels.merge_attention import merge_attention
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -78,27 +80,6 @@ def _decode_split_kernel(
         tl.store(PartLse + row, lse, mask=offs_g < G)
 
 
-@triton.jit
-def _decode_reduce_kernel(
-    PartO, PartLse, Out, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    row = (b * tl.num_programs(1) + h) * NUM_SPLITS + offs_s
-    s_mask = offs_s < NUM_SPLITS
-    lse = tl.load(PartLse + row, mask=s_mask, other=float("-inf"))
-    m = tl.max(lse, 0)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # empty splits weigh 0
-    denom = tl.sum(w, 0)
-    sd_mask = s_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(PartO + row[:, None] * HEAD_DIM + offs_d[None, :], mask=sd_mask, other=0.0)
-    o = tl.sum(w[:, None] * o, 0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_d, o.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
-
-
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
            seq_lens: torch.Tensor, out: torch.Tensor | None) -> None:
     if q.dim() != 3 or k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
@@ -153,9 +134,5 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
-        _decode_reduce_kernel[(b, h)](
-            part_o, part_lse, out, out.stride(0), out.stride(1),
-            HEAD_DIM=d, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
-            num_warps=4 if block_d >= 128 else 2,
-        )
+        merge_attention(part_o, part_lse, out)
     return out

@@ -3,7 +3,10 @@
 The new tokens' K/V are already in the cache, so every key is read through the page table. Query
 token i of sequence b sits at position prefix_lens[b] + i and sees keys 0..that position (causal within
 the new tokens). Program (head, query block, b) runs a flash-attention online softmax in float32: first
-over the keys that every query of its block sees (no mask), then over the block's own diagonal.
+over the keys that every query of its block sees (no mask), then over the block's own diagonal. With
+num_splits > 1 the unmasked keys are shared out among that many programs per query block (the last one
+also takes the diagonal) and merge_attention combines their partial results: for a few new tokens after
+a long cached prefix, which would otherwise leave most of the GPU idle.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from mixquant_serve.kernels.merge_attention import merge_attention
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -44,15 +49,16 @@ def _attend(acc, l_i, m_i, q, q_pos, K, V, page_row, kvh, n0, limit, stride_ks, 
 
 @triton.jit
 def _extend_kernel(
-    Q, K, V, Out, PageTable, QStartLoc, PrefixLens,
+    Q, K, V, Out, PartO, PartLse, PageTable, QStartLoc, PrefixLens,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh, stride_pt,
     sm_scale_log2,
-    G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     h = tl.program_id(0)  # heads sharing a KV head run next to each other (their K/V stay in L2)
     mb = tl.num_programs(1) - 1 - tl.program_id(1)  # the longest (last) query blocks start first
-    b = tl.program_id(2)
+    b = tl.program_id(2) // NUM_SPLITS
+    split = tl.program_id(2) % NUM_SPLITS
     q_start = tl.load(QStartLoc + b)
     q_len = tl.load(QStartLoc + b + 1) - q_start
     m0 = mb * BLOCK_M
@@ -71,19 +77,30 @@ def _extend_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    full_end = prefix + m0  # keys every query of this block sees
-    for n0 in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, q_pos, K, V, page_row, kvh, n0, full_end, stride_ks, stride_kh,
+    full_end = prefix + m0  # keys every query of this block sees, shared out among the splits
+    chunk = tl.cdiv(tl.cdiv(full_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, full_end)
+    for n0 in range(lo, hi, BLOCK_N):
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, q_pos, K, V, page_row, kvh, n0, hi, stride_ks, stride_kh,
                                 stride_vs, stride_vh, sm_scale_log2, False, HEAD_DIM, PAGE_SIZE, BLOCK_N, BLOCK_D,
                                 DOT_PREC)
     diag_end = prefix + tl.minimum(m0 + BLOCK_M, q_len)
-    for n0 in range(full_end, diag_end, BLOCK_N):
+    diag_start = tl.where(split == NUM_SPLITS - 1, full_end, diag_end)  # the last split takes the diagonal
+    for n0 in range(diag_start, diag_end, BLOCK_N):
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, q_pos, K, V, page_row, kvh, n0, diag_end, stride_ks, stride_kh,
                                 stride_vs, stride_vh, sm_scale_log2, True, HEAD_DIM, PAGE_SIZE, BLOCK_N, BLOCK_D,
                                 DOT_PREC)
-    o = acc / l_i[:, None]  # every query sees at least its own key, so l_i > 0
-    tl.store(Out + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], o.to(Out.dtype.element_ty),
-             mask=md_mask)
+    if NUM_SPLITS == 1:
+        o = acc / l_i[:, None]  # every query sees at least its own key, so l_i > 0
+        tl.store(Out + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], o.to(Out.dtype.element_ty),
+                 mask=md_mask)
+    else:
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a split may have no keys
+        part = (q_rows * tl.num_programs(0) + h) * NUM_SPLITS + split  # PartLse [T, H, S], PartO [T, H, S, D]
+        tl.store(PartO + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=md_mask)
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(PartLse + part, lse, mask=offs_m < q_len)
 
 
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
@@ -116,30 +133,51 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_t
         raise ValueError("q_start_loc and prefix_lens must be contiguous")
 
 
+def default_block_m(max_q_len: int) -> int:
+    """64 query rows a program, fewer (16 or 32) when no sequence has more new tokens."""
+    return min(64, max(16, triton.next_power_of_2(max_q_len)))
+
+
+def default_extend_splits(num_heads: int, batch: int, max_q_len: int, max_prefix: int, num_sms: int = 132,
+                          cap: int = 16) -> int:
+    """KV splits for a launch too small to fill the GPU twice over a long cached prefix (a short turn after
+    a long conversation); at least 512 prefix keys a split."""
+    programs = num_heads * batch * triton.cdiv(max(max_q_len, 1), default_block_m(max_q_len))
+    return max(1, min(cap, triton.cdiv(2 * num_sms, programs), max_prefix // 512))
+
+
 def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                      q_start_loc: torch.Tensor, prefix_lens: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
-                     scale: float, max_q_len: int, out: torch.Tensor | None = None, *, block_m: int | None = None,
-                     block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                     scale: float, max_q_len: int, out: torch.Tensor | None = None, *, num_splits: int = 1,
+                     block_m: int | None = None, block_n: int = 64, num_warps: int = 4,
+                     num_stages: int = 2) -> torch.Tensor:
     """q [T, H, D] (sequence b's new tokens are rows q_start_loc[b]..q_start_loc[b+1]-1, at positions
     prefix_lens[b].., seq_lens = prefix_lens + new) attends causally to its sequence's keys, read through
     page_table [B, P] from the caches [num_slots, Hkv, D] -> out [T, H, D] in q's dtype.
-    max_q_len must be >= every sequence's new-token count (it sizes the grid). block_m defaults to 64 query
-    rows, fewer (16 or 32) when no sequence has more new tokens (a short turn after a long cached prefix)."""
+    max_q_len must be >= every sequence's new-token count (it sizes the grid). num_splits > 1 shares each
+    query block's prefix keys among that many programs (float32 partials, then merge_attention)."""
     _check(q, k_cache, v_cache, page_table, q_start_loc, prefix_lens, seq_lens, out)
-    if page_size < 1 or max_q_len < 0:
-        raise ValueError(f"page_size must be >= 1 and max_q_len >= 0, got {page_size}, {max_q_len}")
+    if page_size < 1 or max_q_len < 0 or num_splits < 1:
+        raise ValueError(f"page_size and num_splits must be >= 1 and max_q_len >= 0, got {page_size}, "
+                         f"{num_splits}, {max_q_len}")
     (t, h, d), hkv, b = q.shape, k_cache.shape[1], page_table.shape[0]
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     if t == 0 or b == 0 or max_q_len == 0:
         return out
-    block_m = block_m or min(64, max(16, triton.next_power_of_2(max_q_len)))
-    grid = (h, triton.cdiv(max_q_len, block_m), b)
+    part_o = part_lse = out  # unused placeholders when one split writes out directly
+    if num_splits > 1:  # rows no program writes (tokens past a sequence's q_len) are never merged into out
+        part_o = torch.empty(t, h, num_splits, d, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(t, h, num_splits, dtype=torch.float32, device=q.device)
+    block_m = block_m or default_block_m(max_q_len)
+    grid = (h, triton.cdiv(max_q_len, block_m), b * num_splits)
     _extend_kernel[grid](
-        q, k_cache, v_cache, out, page_table, q_start_loc, prefix_lens,
+        q, k_cache, v_cache, out, part_o, part_lse, page_table, q_start_loc, prefix_lens,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), out.stride(1), page_table.stride(0), scale * _LOG2E,
-        G=h // hkv, HEAD_DIM=d, PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        G=h // hkv, HEAD_DIM=d, PAGE_SIZE=page_size, NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=triton.next_power_of_2(d), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )
+    if num_splits > 1:
+        merge_attention(part_o, part_lse, out)
     return out

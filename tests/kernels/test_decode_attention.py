@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernels.conftest import DOT_DTYPES
+from kernels.conftest import DOT_DTYPES, ON_GPU
 from kernels.paged_ref import attend, page_table, random_cache
 
 from mixquant_serve.kernels.decode_attention import decode_attention, default_num_splits
@@ -84,3 +84,21 @@ def test_rejects_bad_inputs(device):
         decode_attention(q, k, k, table, lens[:1], 16, 0.125, 1)
     with pytest.raises(ValueError, match="num_splits"):
         decode_attention(q, k, k, table, lens, 16, 0.125, 0)
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU every test compiles and launches the kernels")
+def test_compiles_for_hopper_with_pipelined_kv_loads():
+    from kernels.hopper_compile import compile_for_hopper
+
+    pointers = dict(Q="bf16", K="bf16", V="bf16", PageTable="i32", SeqLens="i32", Out="bf16", PartO="fp32",
+                    PartLse="fp32")
+    module = "mixquant_serve.kernels.decode_attention"
+    split, _ = compile_for_hopper([
+        dict(module=module, kernel="_decode_split_kernel", pointers=pointers, options=dict(num_warps=4, num_stages=2),
+             constexprs=dict(G=4, HEAD_DIM=128, PAGE_SIZE=16, NUM_SPLITS=8, BLOCK_G=16, BLOCK_N=64, BLOCK_D=128,
+                             DOT_PREC="tf32")),
+        dict(module="mixquant_serve.kernels.merge_attention", kernel="_merge_kernel", pointers=pointers,
+             options=dict(num_warps=4),
+             constexprs=dict(HEAD_DIM=128, NUM_SPLITS=8, BLOCK_S=8, BLOCK_D=128)),
+    ])
+    assert split["async_copies"] >= 2  # K and V tiles prefetched while the previous block computes

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernels.conftest import DOT_DTYPES
+from kernels.conftest import DOT_DTYPES, ON_GPU
 from kernels.paged_ref import attend, page_table, random_cache
 
-from mixquant_serve.kernels.extend_attention import extend_attention
+from mixquant_serve.kernels.extend_attention import default_extend_splits, extend_attention
 
 _ATOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
@@ -34,26 +34,41 @@ def _run(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, he
 
 
 @pytest.mark.parametrize("dtype", DOT_DTYPES)
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "page_size", "prefix", "new"), [
-    (2, 2, 64, 16, [0, 0, 16], [16, 17, 1]),  # GQA 1, page boundaries, a one-token row
-    (8, 2, 128, 16, [5, 0, 32], [40, 3, 20]),  # GQA 4, prefix hits mid-page and on a page boundary
-    (8, 1, 64, 1, [3, 0], [9, 20]),  # GQA 8, one token per page
-    (4, 1, 128, 64, [64, 70], [1, 60]),  # big pages, the new tokens crossing one
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "page_size", "prefix", "new", "num_splits"), [
+    (2, 2, 64, 16, [0, 0, 16], [16, 17, 1], 1),  # GQA 1, page boundaries, a one-token row
+    (8, 2, 128, 16, [5, 0, 32], [40, 3, 20], 1),  # GQA 4, prefix hits mid-page and on a page boundary
+    (8, 1, 64, 1, [3, 0], [9, 20], 2),  # GQA 8, one token per page
+    (4, 1, 128, 64, [64, 70], [1, 60], 2),  # big pages, the new tokens crossing one
 ])
-def test_matches_dense_float64(device, dtype, heads, kv_heads, head_dim, page_size, prefix, new):
-    _run(device, dtype, heads, kv_heads, head_dim, page_size, prefix, new, seed=sum(new),
+def test_matches_dense_float64(device, dtype, heads, kv_heads, head_dim, page_size, prefix, new, num_splits):
+    _run(device, dtype, heads, kv_heads, head_dim, page_size, prefix, new, seed=sum(new), num_splits=num_splits,
          block_m=16, block_n=16)
 
 
 def test_default_blocks(device):
     """The default 64x64 blocks: several query blocks for one row, a long prefix, an odd head_dim."""
-    _run(device, torch.float32, 4, 2, 96, 16, [100, 0, 7], [130, 64, 2], seed=1)
+    _run(device, torch.float32, 2, 1, 96, 16, [100, 0, 7], [130, 64, 2], seed=1)
+
+
+def test_split_prefix_with_empty_splits(device):
+    """More splits than prefix blocks: some programs get no keys (their partials must weigh nothing)."""
+    _run(device, torch.float32, 2, 1, 64, 16, [40, 0], [5, 30], seed=3, num_splits=6, block_m=16, block_n=16)
+
+
+def test_default_extend_splits_only_for_small_launches_over_long_prefixes():
+    assert default_extend_splits(32, 1, 200, 8192) == 3  # 32 heads x 4 query blocks: 128 programs
+    assert default_extend_splits(32, 1, 50, 8192) == 9  # one query block: 32 programs
+    assert default_extend_splits(8, 1, 8, 8192) == 16  # 8 programs; capped
+    assert default_extend_splits(32, 1, 50, 2048) == 4  # at least 512 prefix keys a split
+    assert default_extend_splits(32, 1, 8, 600) == 1  # too short a prefix to share out
+    assert default_extend_splits(32, 8, 2048, 8192) == 1  # already a big launch
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_long_batch_on_gpu(device, dtype):
-    _run(device, dtype, 32, 8, 128, 16, [0, 1000, 4096, 17], [2048, 300, 1, 513], seed=7)
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_long_batch_on_gpu(device, dtype, num_splits):
+    _run(device, dtype, 32, 8, 128, 16, [0, 1000, 4096, 17], [2048, 300, 1, 513], seed=7, num_splits=num_splits)
 
 
 def test_rejects_bad_inputs(device):
@@ -67,3 +82,17 @@ def test_rejects_bad_inputs(device):
         extend_attention(q, k, k, table, i32([0, 1, 3]), i32([0]), i32([3]), 16, 0.125, 3)
     with pytest.raises(ValueError, match="head_dim"):
         extend_attention(q, k[..., :32], k[..., :32], table, i32([0, 3]), i32([0]), i32([3]), 16, 0.125, 3)
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU every test compiles and launches the kernels")
+def test_compiles_for_hopper_with_pipelined_kv_loads():
+    from kernels.hopper_compile import compile_for_hopper
+
+    pointers = dict(Q="bf16", K="bf16", V="bf16", Out="bf16", PartO="fp32", PartLse="fp32", PageTable="i32",
+                    QStartLoc="i32", PrefixLens="i32")
+    kernels = compile_for_hopper([dict(
+        module="mixquant_serve.kernels.extend_attention", kernel="_extend_kernel", pointers=pointers,
+        options=dict(num_warps=4, num_stages=2), constexprs=dict(
+            G=4, HEAD_DIM=128, PAGE_SIZE=16, NUM_SPLITS=splits, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128,
+            DOT_PREC="tf32")) for splits in (1, 4)])
+    assert all(k["async_copies"] >= 2 and k["shared"] <= 200 * 1024 for k in kernels)

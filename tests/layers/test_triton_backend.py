@@ -21,11 +21,13 @@ _ATOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
 class _Pair:
     """Both backends on their own storage, fed identical calls; requests own pages from one pool."""
 
-    def __init__(self, dtype: torch.dtype, page_size: int, sdpa: bool, splits: int | None = None) -> None:
+    def __init__(self, dtype: torch.dtype, page_size: int, sdpa: bool, splits: int | None = None,
+                 extend_splits: int | None = None) -> None:
         layout = KVLayout(LAYERS, KV_HEADS, HEAD_DIM, page_size, dtype_name(dtype))
         args = (HEADS, KV_HEADS, HEAD_DIM, DEVICE)
         self.ref = TorchRefBackend(KVStorage(layout, 48, DEVICE), *args)
-        self.tri = TritonBackend(KVStorage(layout, 48, DEVICE), *args, sdpa_prefill=sdpa, decode_splits=splits)
+        self.tri = TritonBackend(KVStorage(layout, 48, DEVICE), *args, sdpa_prefill=sdpa, decode_splits=splits,
+                                 extend_splits=extend_splits)
         self.pool, self.dtype, self.page_size = PagePool(48, page_size), dtype, page_size
         self.pages: dict[str, list[int]] = {}
         self.done: dict[str, int] = {}
@@ -55,12 +57,12 @@ class _Pair:
             torch.testing.assert_close(got, want, atol=_ATOL[self.dtype], rtol=0)
 
 
-@pytest.mark.parametrize(("dtype", "page_size", "sdpa", "splits"), [
-    (torch.float32, 4, True, 3),
-    (DOT_DTYPES[0], 16, False, None),  # float16 here (bfloat16 dots are wrong in the interpreter)
+@pytest.mark.parametrize(("dtype", "page_size", "sdpa", "splits", "extend_splits"), [
+    (torch.float32, 4, True, 3, 2),
+    (DOT_DTYPES[0], 16, False, None, None),  # float16 here (bfloat16 dots are wrong in the interpreter)
 ])
-def test_matches_the_reference_over_mixed_batches(dtype, page_size, sdpa, splits):
-    pair = _Pair(dtype, page_size, sdpa, splits)
+def test_matches_the_reference_over_mixed_batches(dtype, page_size, sdpa, splits, extend_splits):
+    pair = _Pair(dtype, page_size, sdpa, splits, extend_splits)
     pair.check([("a", 20), ("b", 5)])  # prefill of two sequences
     pair.check([("a", 1), ("b", 1)])  # decode
     pair.pages["c"] = pair.pages["a"][:1]  # c hits a's first page in the prefix cache

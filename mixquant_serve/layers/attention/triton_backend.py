@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mixquant_serve.kernels.decode_attention import decode_attention, default_num_splits
-from mixquant_serve.kernels.extend_attention import extend_attention
+from mixquant_serve.kernels.extend_attention import default_extend_splits, extend_attention
 from mixquant_serve.kvcache.storage import KVStorage
 from mixquant_serve.layers.attention.base import AttentionBackend, SeqSlice
 
@@ -32,7 +32,7 @@ class TritonMeta:
     q_start_loc: torch.Tensor  # int32 [B+1] first row of each sequence's new tokens in q
     max_q_len: int
     is_decode: bool  # every sequence has one new token
-    num_splits: int  # KV splits of the decode kernel
+    num_splits: int  # KV splits of the kernel this batch runs (decode or extend)
     sdpa: bool  # one sequence, no cached prefix: causal SDPA on the new tokens' q/k/v
     buf: torch.Tensor  # int32, the one device buffer that all the tensors above view
 
@@ -84,18 +84,26 @@ def _host_layout(seqs: Sequence[SeqSlice], page_size: int, rows: int, cols: int,
 
 class TritonBackend(AttentionBackend):
     def __init__(self, storage: KVStorage, num_heads: int, num_kv_heads: int, head_dim: int,
-                 device: torch.device, sdpa_prefill: bool | None = None, decode_splits: int | None = None) -> None:
+                 device: torch.device, sdpa_prefill: bool | None = None, decode_splits: int | None = None,
+                 extend_splits: int | None = None) -> None:
         """sdpa_prefill: see _sdpa_prefill (default: env MIXQUANT_SDPA_PREFILL, on unless "0");
-        decode_splits: fixed KV splits for decode (default: enough to fill the GPU, see default_num_splits)."""
+        decode_splits / extend_splits: fixed KV splits (default: by launch size, see default_num_splits and
+        default_extend_splits)."""
+        device = torch.device(device)
         super().__init__(storage, num_heads, num_kv_heads, head_dim, device)
         if sdpa_prefill is None:
             sdpa_prefill = os.environ.get("MIXQUANT_SDPA_PREFILL", "1") != "0"
-        self.sdpa_prefill, self.decode_splits = sdpa_prefill, decode_splits
+        self.sdpa_prefill, self.decode_splits, self.extend_splits = sdpa_prefill, decode_splits, extend_splits
         # off the GPU (Triton's interpreter) splitting only adds work
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
     def _num_splits(self, batch: int) -> int:
         return self.decode_splits or default_num_splits(batch, self.num_kv_heads, self.num_sms)
+
+    def _extend_splits(self, seqs: Sequence[SeqSlice], max_q_len: int) -> int:
+        max_prefix = max(s.start for s in seqs)
+        return self.extend_splits or default_extend_splits(self.num_heads, len(seqs), max_q_len, max_prefix,
+                                                           self.num_sms)
 
     def plan(self, seqs: Sequence[SeqSlice]) -> TritonMeta:
         if not seqs:
@@ -104,23 +112,26 @@ class TritonBackend(AttentionBackend):
         cols = max(-(-(s.start + s.length) // self.page_size) for s in seqs)
         host = _host_layout(seqs, self.page_size, b, cols, pinned=self.device.type == "cuda")
         buf = host.to(self.device, non_blocking=True)
-        is_decode = all(s.length == 1 for s in seqs)
-        sdpa = self.sdpa_prefill and b == 1 and seqs[0].start == 0 and not is_decode
-        return self._meta(buf, b, t, cols, max(s.length for s in seqs), is_decode, sdpa)
+        max_q_len = max(s.length for s in seqs)
+        if max_q_len == 1:
+            return self._meta(buf, b, t, cols, 1, True, self._num_splits(b), False)
+        sdpa = self.sdpa_prefill and b == 1 and seqs[0].start == 0
+        return self._meta(buf, b, t, cols, max_q_len, False, self._extend_splits(seqs, max_q_len), sdpa)
 
-    def _meta(self, buf: torch.Tensor, b: int, t: int, cols: int, max_q_len: int, is_decode: bool,
+    @staticmethod
+    def _meta(buf: torch.Tensor, b: int, t: int, cols: int, max_q_len: int, is_decode: bool, num_splits: int,
               sdpa: bool) -> TritonMeta:
         """Views of a buffer laid out as _host_layout writes it (b rows, t new tokens, cols pages a row)."""
         ints = buf[2 * t :]
         seq_lens, prefix, q_start = ints[:b], ints[b : 2 * b], ints[2 * b : 3 * b + 1]
         table = ints[3 * b + 1 : 3 * b + 1 + b * cols].view(b, cols)
         return TritonMeta(buf[: 2 * t].view(torch.int64), table, seq_lens, prefix, q_start, max_q_len, is_decode,
-                          self._num_splits(b), sdpa, buf)
+                          num_splits, sdpa, buf)
 
     def static_decode_meta(self, max_batch: int, max_pages: int) -> TritonMeta:
         """Device buffers for decode batches of up to max_batch rows and max_pages pages per row."""
         buf = torch.zeros(5 * max_batch + 1 + max_batch * max_pages, dtype=torch.int32, device=self.device)
-        return self._meta(buf, max_batch, max_batch, max_pages, 1, True, False)
+        return self._meta(buf, max_batch, max_batch, max_pages, 1, True, self._num_splits(max_batch), False)
 
     def load_decode_meta(self, static: TritonMeta, seqs: Sequence[SeqSlice], padded_batch: int) -> TritonMeta:
         """Fill `static` in place with decode `seqs` padded to padded_batch rows (padding rows: one token in
@@ -152,7 +163,8 @@ class TritonBackend(AttentionBackend):
                                    self.scale, meta.num_splits)
         else:
             out = extend_attention(qc, k_cache, v_cache, meta.page_table, meta.q_start_loc, meta.prefix_lens,
-                                   meta.seq_lens, self.page_size, self.scale, meta.max_q_len)
+                                   meta.seq_lens, self.page_size, self.scale, meta.max_q_len,
+                                   num_splits=meta.num_splits)
         return out.view(q.shape[0], -1).to(q.dtype)
 
     def _sdpa_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
