@@ -27,6 +27,8 @@ _HELP = {
     "attention_backend": "attention kernels: triton (default on CUDA), torch_ref (default on CPU)",
     "disable_cuda_graph": "run the decode step eagerly instead of replaying CUDA graphs",
     "cuda_graph_max_bs": "largest decode batch captured in a CUDA graph (default: --max-running-requests)",
+    "overlap_schedule": "launch each decode step before the host reads the previous step's tokens "
+                        "(default: on for CUDA, off on CPU)",
     "context_length": "longest prompt + output (default: the model's max_position_embeddings)",
 }
 

@@ -158,6 +158,8 @@ class EngineConfig:
     # CUDA graphs of the decode step, captured for batch sizes up to cuda_graph_max_bs
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int | None = None
+    # launch each decode step before reading the previous one's tokens (None: on for CUDA, off on CPU)
+    overlap_schedule: bool | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:

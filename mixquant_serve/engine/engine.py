@@ -19,6 +19,7 @@ import torch
 
 from mixquant_serve.config import ConfigError, EngineConfig, ModelConfig
 from mixquant_serve.engine.model_runner import ModelRunner
+from mixquant_serve.engine.overlap import InFlight, batch_ahead, launch_copy, plain_row, read_tokens
 from mixquant_serve.engine.request import Request
 from mixquant_serve.engine.scheduler import Batch, Phase, Scheduler
 from mixquant_serve.engine.structured import GrammarError, Grammars
@@ -74,8 +75,9 @@ def resolve_config(config: EngineConfig) -> tuple[EngineConfig, ModelConfig]:
     backend = config.attention_backend if config.attention_backend != "auto" else (
         "triton" if gpu else "torch_ref")
     running = config.max_running_requests or (256 if gpu else 64)
+    overlap = gpu if config.overlap_schedule is None else config.overlap_schedule
     return dataclasses.replace(
-        config, device=device, dtype=dtype, context_length=ctx, attention_backend=backend,
+        config, device=device, dtype=dtype, context_length=ctx, attention_backend=backend, overlap_schedule=overlap,
         max_running_requests=running, chunked_prefill_size=config.chunked_prefill_size or (8192 if gpu else 2048),
         disable_cuda_graph=config.disable_cuda_graph or not gpu,
         cuda_graph_max_bs=min(config.cuda_graph_max_bs or running, running)), mcfg
@@ -96,6 +98,7 @@ class Engine:
         self.sampler = Sampler()
         self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids)
         self.requests: dict[str, Request] = {}
+        self._flight: InFlight | None = None  # a decode step whose tokens are still on the device
         # called after each layer of a prefill batch wrote its KV (a prefill worker pushes it out)
         self.kv_hook: Callable[[Batch, int], None] | None = None
         self.eos_ids = frozenset(self.model_config.eos_token_ids)
@@ -107,9 +110,10 @@ class Engine:
                  self.model_config.architecture, cfg.device, cfg.prefill_precision, cfg.decode_precision,
                  self.pool.capacity, cfg.page_size, self.weight_summary())
         log.info("engine settings: attention=%s, chunked prefill %d tokens, up to %d running requests, "
-                 "context %d, decode CUDA graphs %s", cfg.attention_backend, cfg.chunked_prefill_size,
-                 cfg.max_running_requests, cfg.context_length,
-                 "off" if cfg.disable_cuda_graph else f"up to batch {cfg.cuda_graph_max_bs}")
+                 "context %d, decode CUDA graphs %s, overlapped decode %s", cfg.attention_backend,
+                 cfg.chunked_prefill_size, cfg.max_running_requests, cfg.context_length,
+                 "off" if cfg.disable_cuda_graph else f"up to batch {cfg.cuda_graph_max_bs}",
+                 "on" if cfg.overlap_schedule else "off")
 
     # -- streaming interface ----------------------------------------------------------------------
     def add_request(self, rid: str, prompt_ids: Sequence[int], params: SamplingParams, *,
@@ -159,9 +163,11 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._flight is not None
 
     def step(self) -> list[ReqOutput]:
+        if self._flight is not None:
+            return self._step_ahead()
         batch = self.scheduler.next_batch()
         if batch is None:
             return []
@@ -172,10 +178,53 @@ class Engine:
             self.scheduler.commit(batch)
             if batch.phase is Phase.PREFILL:
                 self.counters["computed_prefill_tokens"] += batch.num_tokens
+            elif self.config.overlap_schedule and all(plain_row(r) for r in batch.reqs):
+                self._flight = self._launch_sampling(batch, logits)
+                return []
             return self._sample(batch, logits)
         except Exception as e:  # a bug or device fault must not take the other requests down
-            log.exception("step failed; failing its %d requests", len(batch.reqs))
-            return [self._fail(req, f"internal error: {e}", "internal_error") for req in batch.reqs]
+            return self._fail_step(batch.reqs, e)
+
+    def _fail_step(self, reqs: Sequence[Request], error: Exception) -> list[ReqOutput]:
+        log.exception("step failed; failing its %d requests", len(reqs))
+        return [self._fail(req, f"internal error: {error}", "internal_error") for req in reqs
+                if req.rid in self.requests]
+
+    # -- overlapped decode (engine/overlap.py) ------------------------------------------------------
+    def _launch_sampling(self, batch: Batch, logits: torch.Tensor, void: frozenset[str] = frozenset()) -> InFlight:
+        tokens = self.sampler.sample_on_device(logits, batch.reqs)
+        host, ready = launch_copy(tokens)
+        return InFlight(batch, tokens, host, ready, void)
+
+    def _step_ahead(self) -> list[ReqOutput]:
+        """Launch the decode step after the one in flight, then apply the tokens of the one in flight."""
+        prev, self._flight = self._flight, None
+        batch = batch_ahead(self.scheduler, prev, self.requests)
+        try:
+            nxt = None
+            if batch is not None:
+                kept = {r.rid for r in batch.reqs}
+                rows = [i for i, r in enumerate(prev.batch.reqs) if r.rid in kept]
+                ids = prev.tokens if len(rows) == len(prev.batch.reqs) else prev.tokens[
+                    torch.tensor(rows, device=prev.tokens.device)]
+                logits = self.runner.forward(batch, self.config.decode_precision, input_ids=ids)
+                self.scheduler.commit(batch)
+                nxt = self._launch_sampling(batch, logits)
+            outputs = self._apply_flight(prev)
+        except Exception as e:
+            return self._fail_step(prev.batch.reqs, e)
+        if nxt is not None:  # rows that finished just now were computed ahead for nothing
+            void = frozenset(r.rid for r in batch.reqs if r.rid not in self.requests)
+            self._flight = nxt._replace(void=void) if len(void) < len(batch.reqs) else None
+        return outputs
+
+    def _apply_flight(self, flight: InFlight) -> list[ReqOutput]:
+        outputs = []
+        for req, token in zip(flight.batch.reqs, read_tokens(flight), strict=True):
+            if req.rid in flight.void or req.rid not in self.requests:  # finished earlier, or aborted
+                continue
+            outputs.append(self._apply_token(req, token, None))
+        return outputs
 
     def _sample(self, batch: Batch, logits: torch.Tensor | None) -> list[ReqOutput]:
         reqs = [r for r, s in zip(batch.reqs, batch.sample, strict=True) if s]
@@ -184,15 +233,16 @@ class Engine:
         if constrained := [(i, r.matcher) for i, r in enumerate(reqs) if r.matcher is not None]:
             self.grammars.apply(logits, constrained)
         result = self.sampler(logits, reqs)
-        outputs = []
-        for req, token, lp in zip(reqs, result.token_ids, result.logprobs, strict=True):
-            first = len(req.output_ids)
-            req.append(token, lp)
-            self.counters["generated_tokens"] += 1
-            if req.finish_reason is not None:
-                self._finish(req)
-            outputs.append(self._increment(req, first))
-        return outputs
+        return [self._apply_token(req, token, lp)
+                for req, token, lp in zip(reqs, result.token_ids, result.logprobs, strict=True)]
+
+    def _apply_token(self, req: Request, token: int, logprob: TokenLogprob | None) -> ReqOutput:
+        first = len(req.output_ids)
+        req.append(token, logprob)
+        self.counters["generated_tokens"] += 1
+        if req.finish_reason is not None:
+            self._finish(req)
+        return self._increment(req, first)
 
     def _increment(self, req: Request, first: int) -> ReqOutput:
         if first == 0:

@@ -65,20 +65,25 @@ class ModelRunner:
         return pages
 
     @torch.inference_mode()
-    def forward(self, batch: Batch, precision: str,
-                layer_done: Callable[[int], None] | None = None) -> torch.Tensor | None:
-        """Compute the batch's new tokens (writing their KV); logits [num_sampling, vocab] float32."""
+    def forward(self, batch: Batch, precision: str, layer_done: Callable[[int], None] | None = None,
+                input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Compute the batch's new tokens (writing their KV); logits [num_sampling, vocab] float32.
+
+        input_ids: the new tokens already on the device (a decode step launched ahead, engine/overlap.py);
+        by default they are read from the requests."""
         ids: list[int] = []
         positions: list[int] = []
         seqs = []
         for req, n in zip(batch.reqs, batch.lengths, strict=True):
             start = req.num_computed
-            ids.extend(req.token_ids[start : start + n])
+            if input_ids is None:
+                ids.extend(req.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             seqs.append(SeqSlice(req.pages, start, n))
         ends = [e - 1 for e in itertools.accumulate(batch.lengths)]
         rows = [e for e, s in zip(ends, batch.sample, strict=True) if s]
-        input_ids, pos, row_index = self._to_device(ids, positions, rows)
+        host_ids, pos, row_index = self._to_device(ids, positions, rows)
+        input_ids = host_ids if input_ids is None else input_ids
         if self._graph_fits(batch, precision, layer_done):
             return self.graphs.run(input_ids, pos, seqs)
         meta = self.attn.plan(seqs)

@@ -208,6 +208,10 @@ class Scheduler:
             self._preempt(max(newer, key=lambda r: r.age))
         return True
 
+    def reserve_pages(self, req: Request, num_tokens: int) -> bool:
+        """Pages for num_tokens of req from the free list or the radix cache, never by preempting."""
+        return self._ensure_pages(req, num_tokens)
+
     def _ensure_pages(self, req: Request, num_tokens: int) -> bool:
         need = self.pool.pages_for(num_tokens) - len(req.pages)
         if need <= 0:

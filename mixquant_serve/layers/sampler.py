@@ -56,6 +56,15 @@ class Sampler:
         return SampleOutput(token_ids, _logprobs(raw, tokens, token_ids, rows))
 
 
+    def sample_on_device(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """[B] token ids left on the logits' device, no host sync: for rows without penalties, an active
+        min_tokens or logprobs (the caller checks), whose sampling needs nothing but the logits."""
+        raw = logits.float()
+        if all(is_greedy(r.params) for r in rows):
+            return raw.argmax(dim=-1)
+        return _choose(_finite(raw.clone()), rows)
+
+
 def _plain_greedy(row: SamplingRow) -> bool:
     p = row.params
     return is_greedy(p) and p.logprobs is None and not _uses_penalties(p) and not _min_tokens_active(row)
@@ -218,9 +227,10 @@ def _sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     apply_top_p(scaled, [p.top_p for p in params])
     apply_min_p(scaled, [p.min_p for p in params])
     probs = scaled.softmax(dim=-1)
-    broken = ~(probs.sum(dim=-1) > 0)  # NaN or nothing left (a row of -inf): take its largest logit instead
-    if broken.any():
-        probs[broken] = torch.nn.functional.one_hot(scaled[broken].argmax(dim=-1), probs.shape[1]).to(probs.dtype)
+    # NaN or nothing left (a row of -inf): take its largest logit instead (a select, not a host-side test)
+    broken = ~(probs.sum(dim=-1, keepdim=True) > 0)
+    top = torch.nn.functional.one_hot(scaled.argmax(dim=-1), probs.shape[1]).to(probs.dtype)
+    probs = torch.where(broken, top, probs)
     return inverse_cdf_sample(probs, draw_uniforms([r.generator for r in rows]))
 
 
