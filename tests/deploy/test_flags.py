@@ -59,6 +59,8 @@ def check_compose(compose: dict[str, Any], root: Path) -> None:
         if module is None:
             continue
         assert HEALTHCHECK in df.dockerfile_copies(svc["build"]["target"]), f"{name}: image lacks {HEALTHCHECK}"
+        unset = [k for k, v in svc.get("environment", {}).items() if v is None]
+        assert not unset, f"{name}: {unset} would be taken from the host's environment (quote an empty value)"
         argv = svc["command"][3:]
         parsed = parse_in_container(module, argv, mount_targets(svc), root)
         if module == "router":
