@@ -58,6 +58,9 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- if and (eq .Values.model.source "pvc") (not .Values.model.pvc.claimName) -}}
 {{- fail "model.pvc.claimName is required with model.source=pvc" -}}
 {{- end -}}
+{{- if and (eq .Values.model.source "embedded") .Values.model.quantizedName -}}
+{{- fail "model.quantizedName needs model.source pvc or hostPath (it is a folder under /models)" -}}
+{{- end -}}
 {{- if and (eq .Values.model.source "hostPath") (not .Values.model.hostPath.path) -}}
 {{- fail "model.hostPath.path is required with model.source=hostPath" -}}
 {{- end -}}
