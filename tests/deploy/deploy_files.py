@@ -126,3 +126,15 @@ def dockerfile_copies(target: str) -> set[str]:
         elif stage == target and line.startswith("COPY ") and "--from" not in line:
             found.add(line.split()[-1])
     return found
+
+
+def dockerfile_instruction(target: str, instruction: str) -> str | None:
+    """The (last) argument text of one instruction in one Dockerfile stage, continuation lines joined."""
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    stage, found = None, None
+    for line in text.splitlines():
+        if m := re.match(r"FROM\s+\S+\s+AS\s+(\S+)", line):
+            stage = m.group(1)
+        elif stage == target and line.startswith(instruction + " "):
+            found = line[len(instruction) + 1:].strip()
+    return found

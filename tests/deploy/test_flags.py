@@ -4,8 +4,11 @@ one the code (or the file itself) has. One mutation per file shows that a broken
 
 from __future__ import annotations
 
+import http.server
 import shutil
+import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -238,3 +241,59 @@ def test_a_broken_chart_field_fails(tmp_path: Path) -> None:
     router["command"][router["command"].index("--prefill-urls") + 1] = "tcp://mq-mixquant-prefill-0.mq:5601"
     with pytest.raises(AssertionError, match="are not the prefill pods"):
         check_chart(docs, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------- the image
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+def test_image_command_and_health_check_agree(target: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    import mixquant_serve.cli as cli
+
+    sys.path.insert(0, str(df.DEPLOY / "docker"))
+    import healthcheck
+
+    cmd = json.loads(df.dockerfile_instruction(target, "CMD"))
+    assert cmd[0] == "mixquant-serve"
+    launched = []
+    monkeypatch.setattr(cli, "launch", lambda args: launched.append(args) or 0)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(cmd[1:])
+    assert stop.value.code == 0 and launched[0].host == "0.0.0.0"
+    assert df.dockerfile_instruction(target, "EXPOSE") == str(launched[0].port)
+    assert df.split_url(healthcheck.DEFAULT_TARGET) == ("127.0.0.1", launched[0].port)
+    assert healthcheck.DEFAULT_TARGET.endswith("/health")
+    check = df.dockerfile_instruction(target, "HEALTHCHECK")
+    assert check.endswith(f'CMD ["python", "{HEALTHCHECK}"]') and HEALTHCHECK in df.dockerfile_copies(target)
+
+
+def test_healthcheck_script_says_unhealthy(tmp_path: Path) -> None:
+    sys.path.insert(0, str(df.DEPLOY / "docker"))
+    import healthcheck
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+        assert healthcheck.main(["healthcheck", f"tcp://127.0.0.1:{closed}"]) == 1  # bound, not listening
+        s.listen()
+        assert healthcheck.main(["healthcheck", f"tcp://127.0.0.1:{closed}"]) == 0
+    assert healthcheck.main(["healthcheck", "ftp://127.0.0.1:21/"]) == 1
+    status = {"code": 503}
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+            self.send_response(status["code"])
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/health"
+    try:
+        assert healthcheck.main(["healthcheck", url]) == 1  # not ready
+        status["code"] = 200
+        assert healthcheck.main(["healthcheck", url]) == 0
+    finally:
+        server.shutdown()
