@@ -297,3 +297,12 @@ def test_healthcheck_script_says_unhealthy(tmp_path: Path) -> None:
         assert healthcheck.main(["healthcheck", url]) == 0
     finally:
         server.shutdown()
+
+
+def test_dockerignore_keeps_what_the_image_copies() -> None:
+    lines = [ln for ln in (df.REPO / ".dockerignore").read_text().splitlines() if ln and not ln.startswith("#")]
+    assert lines[0] == "*", "everything not named is left out of the build context"
+    kept = {ln[1:] for ln in lines if ln.startswith("!")}
+    copied = {src for line in df.DOCKERFILE.read_text().splitlines()
+              if line.startswith("COPY ") and "--from" not in line for src in line.split()[1:-1]}
+    assert copied and copied <= kept, f"copied but ignored: {sorted(copied - kept)}"
