@@ -195,3 +195,29 @@ def test_every_dashboard_metric_is_exported(cpu_cluster) -> None:
     text = httpx.get(router_base(mapping) + "/metrics", timeout=10).text
     exported = {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
     assert wanted and not wanted - exported, f"plotted but not exported: {sorted(wanted - exported)}"
+
+
+@pytest.mark.skipif(not os.environ.get("MIXQUANT_LONG_TESTS"), reason="a 1,100-token NVFP4 prefill on CPU takes "
+                    "minutes on a busy 2-core machine; MIXQUANT_LONG_TESTS=1 runs it")
+def test_a_long_prompt_is_prefilled_by_the_prefill_worker(cpu_cluster) -> None:
+    """Longer than the router's --local-prefill-max-tokens (1024): NVFP4 prefill, KV over TCP to the decode worker."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, mapping = cpu_cluster
+    client = openai.OpenAI(base_url=router_base(mapping) + "/v1", api_key="unused", max_retries=0, timeout=300)
+    notes = " ".join(f"Step {i}: check the release notes and tag version {i}." for i in range(110))
+    r = client.chat.completions.create(model=EMBEDDED_NAME, max_tokens=2, temperature=0,
+                                       messages=[{"role": "user", "content": notes + " Summarize."}])
+    assert r.usage.prompt_tokens > 1024 and r.choices[0].message.content
+
+    def sample(name: str, worker: str) -> float:
+        text = httpx.get(router_base(mapping) + "/metrics", timeout=10).text
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == name and s.labels.get("worker") == worker)
+
+    deadline = time.monotonic() + 10  # the counters come with the workers' next heartbeats
+    while sample("mixquant_worker_kv_transfers_ok", "prefill-0") < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert sample("mixquant_worker_kv_transfers_ok", "prefill-0") >= 1
+    assert sample("mixquant_worker_kv_bytes_sent", "prefill-0") > 0
+    assert sample("mixquant_worker_kv_bytes_received", "decode-0") > 0
