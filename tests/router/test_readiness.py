@@ -98,3 +98,19 @@ def test_minimums_are_checked(argv: list[str], tmp_path) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--model-path", str(tmp_path), "--registry-port", "1", *argv])
     assert parse_args(["--model-path", str(tmp_path), "--registry-port", "1"]).min_prefill_workers == -1
+
+
+def test_liveness_fails_once_the_worker_watch_stopped(tokenizer_dir) -> None:
+    from fastapi.testclient import TestClient
+
+    from router.app import create_app
+
+    app = create_app(parse_args(["--model-path", str(tokenizer_dir), "--worker-urls", f"tcp://127.0.0.1:{free_port()}"]))
+    with TestClient(app) as client:
+        assert client.get("/health/live").json() == {"status": "alive"}
+        assert client.get("/health").status_code == 503  # alive, but no worker: not ready
+        watch = app.state.router.pool._watch
+        watch.get_loop().call_soon_threadsafe(watch.cancel)
+        wait_for(watch.done, 5)
+        r = client.get("/health/live")
+        assert r.status_code == 500 and r.json()["error"]["code"] == "router_dead"
