@@ -26,6 +26,10 @@ $(VENV)/.stamp-base: pyproject.toml Makefile | $(BIN)/python
 $(VENV)/.stamp-dev: $(VENV)/.stamp-base
 	@echo ">> installing test, quantization and deployment-check extras"
 	$(BIN)/pip install -q -e ".[dev,quant,deploy]"
+	@# tests/deploy validates deploy/compose.yaml with Debian's docker-compose (no daemon needed)
+	@command -v docker-compose >/dev/null 2>&1 || { [ -f /etc/debian_version ] && [ "$$(id -u)" = 0 ] \
+	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	  docker-compose >/dev/null; } || echo ">> docker-compose not installed (needs Debian and root): tests/deploy skips its Compose check"
 	@touch $@
 
 setup: $(VENV)/.stamp-base

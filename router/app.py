@@ -27,7 +27,7 @@ from router.reasoning import template_thinks
 from router.registry import Registry
 from router.security import RateLimiter, SecurityGate
 from router.serving import RouterState
-from router.workers import SERVING_ROLES, WorkerPool
+from router.workers import WorkerPool
 
 log = logging.getLogger("router")
 access_log = logging.getLogger("router.access")
@@ -91,14 +91,29 @@ def _add_routes(app: FastAPI, state: RouterState) -> None:
         return _model_card(state)
 
     @app.get("/health")
-    async def health() -> JSONResponse:
-        healthy, total = len(state.pool.healthy()), len(state.pool.links)
-        serving = len(state.pool.eligible(SERVING_ROLES))
-        body: dict[str, Any] = {"status": "ok" if serving else "unavailable", "healthy_workers": healthy,
-                                "workers": total, "serving_workers": serving}
-        if not serving:
-            body |= error_body(503, "no healthy worker", code="no_healthy_worker")
-        return JSONResponse(body, status_code=200 if serving else 503)
+    @app.get("/health/ready")
+    async def ready() -> JSONResponse:
+        """Readiness: the healthy workers form the configured topology (--min-prefill/decode-workers)."""
+        cfg, pool = state.cfg, state.pool
+        r = pool.readiness(cfg.min_prefill_workers, cfg.min_decode_workers)
+        body: dict[str, Any] = {"status": "ok" if r.ready else "unavailable", "ready": r.ready,
+                                "reason": r.reason(), "healthy_workers": len(pool.healthy()),
+                                "workers": len(pool.links), "serving_workers": r.decode, "prefill_workers": r.prefill,
+                                "min_prefill_workers": r.need_prefill, "min_decode_workers": r.need_decode}
+        if not r.ready:
+            code = "no_healthy_worker" if not r.decode else "not_ready"
+            body |= error_body(503, r.reason(), code=code)
+        return JSONResponse(body, status_code=200 if r.ready else 503)
+
+    @app.get("/health/live")
+    async def live() -> JSONResponse:
+        """Liveness: the event loop answers and the worker health watch (and registration socket) still run."""
+        registry = app.state.registry
+        alive = state.pool.alive and (registry is None or (registry.task is not None and not registry.task.done()))
+        if alive:
+            return JSONResponse({"status": "alive"})
+        return JSONResponse({"status": "dead"} | error_body(500, "a router task stopped", code="router_dead"),
+                            status_code=500)
 
     @app.get("/workers")
     async def workers() -> list[dict[str, Any]]:

@@ -41,6 +41,8 @@ class RouterConfig:
     max_request_bytes: int = 32 * 1024 * 1024
     max_pending_requests: int = 1024
     worker_timeout: float = 15.0
+    min_prefill_workers: int = -1
+    min_decode_workers: int = 1
     api_key: tuple[str, ...] = ()
     rate_limit: float = 0.0
     rate_limit_burst: int = 0
@@ -88,6 +90,10 @@ _HELP = {
     "max_pending_requests": "most generation requests in flight at once (429 above)",
     "worker_timeout": "seconds without a heartbeat after which a worker counts as unhealthy (a worker process "
                       "that exits is noticed at once, by its closed connection; this catches hung ones)",
+    "min_prefill_workers": "healthy prefill workers /health needs before it answers ready (-1: auto, 1 once a "
+                           "prefill worker is known, named by --prefill-urls or registered, else 0); set it where "
+                           "workers register, so that a decode worker alone does not count as ready",
+    "min_decode_workers": "healthy workers that decode (decode or colocated) /health needs before it answers ready",
     "api_key": "comma-separated API keys; when set, /v1/* needs 'Authorization: Bearer KEY' (default: the "
                "MIXQUANT_API_KEY environment variable)",
     "rate_limit": "requests per second allowed per API key (or client address without keys); 0: no limit",
@@ -139,4 +145,8 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
                  "local_prefill_max_tokens", "rate_limit_burst", "registry_port"):
         if getattr(cfg, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative")
+    if cfg.min_prefill_workers < -1:
+        parser.error("--min-prefill-workers must be -1 (auto) or more")
+    if cfg.min_decode_workers < 1:
+        parser.error("--min-decode-workers must be at least 1")
     return cfg

