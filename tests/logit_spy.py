@@ -12,6 +12,9 @@ class LogitSpy:
         self.inner, self.rows = engine.sampler, {}
         engine.sampler = self
 
+    def __getattr__(self, name):  # the sampler's other entry points (sample_on_device) pass through unrecorded
+        return getattr(self.inner, name)
+
     def __call__(self, logits, reqs):
         for row, req in zip(logits, reqs, strict=True):
             self.rows.setdefault(req.rid, []).append(row.detach().clone())

@@ -20,8 +20,11 @@ def model_dir(tmp_path_factory) -> str:
 
 
 def _engine(model_dir: str, dtype: str, fast: bool, **kw) -> Engine:
+    """fast: Triton attention and decode graphs; the overlap stays off unless asked for (the logit spies see
+    only synchronous sampling)."""
     path = dict(attention_backend="triton", disable_cuda_graph=False) if fast else dict(
         attention_backend="torch_ref", disable_cuda_graph=True)
+    kw.setdefault("overlap_schedule", False)
     return Engine(model_dir, device="cuda", dtype=dtype, prefill_precision="bf16", decode_precision="bf16",
                   context_length=1024, max_total_tokens=16384, page_size=16, cuda_graph_max_bs=16, **path, **kw)
 
@@ -70,3 +73,14 @@ def test_graphs_survive_prefix_hits_and_mixed_lengths(model_dir):
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert all(o.cached_tokens > 0 for o in got)
     assert fast.pool.num_free + (fast.cache.num_pages if fast.cache else 0) == fast.pool.capacity
+
+
+def test_overlapped_decode_on_cuda_equals_the_synchronous_step(model_dir):
+    """The default CUDA engine (graphs + overlap) against the same engine stepping synchronously."""
+    on, off = _engine(model_dir, "float32", True, overlap_schedule=True), _engine(model_dir, "float32", True)
+    prompts = _prompts(on, 9)
+    params = [SamplingParams(max_tokens=4 + 3 * i, temperature=0.7 * (i % 2), seed=i, ignore_eos=True)
+              for i in range(9)]
+    got, want = on.generate(prompts, params), off.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert not on.has_work and on.pool.num_free + on.cache.num_pages == on.pool.capacity
