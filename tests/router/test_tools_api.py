@@ -67,7 +67,7 @@ def test_tool_call_streaming(api) -> None:
     assert content == "Checking." and len(deltas) > 1  # as OpenAI streams: the name first, then arguments
     d = deltas[0]
     assert d.index == 0 and d.id.startswith("call_") and d.type == "function"
-    assert d.function.name == "get_weather" and d.function.arguments == ""
+    assert d.function.name == "get_weather"  # its arguments: "" or what came with the name
     assert all(x.index == 0 and x.id is None and x.function.name is None for x in deltas[1:])
     assert json.loads("".join(x.function.arguments for x in deltas)) == {"city": "Paris"}
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
