@@ -38,8 +38,6 @@ from router.tool_grammar import (
     schema_error,
 )
 
-CONSTRAINTS = ("all", "strict")  # --tool-call-constraint: which functions "auto" holds to their schema
-
 
 @functools.cache
 def builtin_tool_template() -> str:
