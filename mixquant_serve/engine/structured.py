@@ -41,11 +41,11 @@ def llguidance_tokenizer_json(tokenizer_json: str) -> str:
 
 def grammar_of(params: SamplingParams) -> tuple[str, str] | None:
     """(llguidance grammar, the request field it came from) of a request, or None if unconstrained."""
-    import llguidance
-
     if params.grammar is not None:
         return params.grammar, "grammar"
     if params.json_schema is not None:
+        import llguidance
+
         try:
             return llguidance.LLMatcher.grammar_from_json_schema(params.json_schema), "response_format"
         except ValueError as e:
@@ -69,11 +69,11 @@ class Grammars:
 
     def matcher(self, params: SamplingParams):
         """A fresh matcher for the request's grammar, or None when it has none."""
-        import llguidance
-
         found = grammar_of(params)
         if found is None:
             return None
+        import llguidance
+
         grammar, param = found
         m = llguidance.LLMatcher(self._tok(), grammar, log_level=0)
         if m.is_error():
