@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -170,7 +171,7 @@ def write(rows: list[tuple], threads: int) -> None:
     text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else ""
     if SECTION not in text:
         text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{HEADER}\n"
-    cpu = cpu_name()
+    cpu = f"{cpu_name().split(' (')[0]}, {os.cpu_count()}-core VM (CPU)"
     for name, batch, tokens, f, h, over, g in rows:
         text = text.rstrip("\n") + (f"\n| {date.today()} | {cpu} | {threads} | {name} | {batch} | {tokens} | {f:.1f} "
                                     f"| {h:.1f} | {100 * over:+.1f}% | {g:.2f} |") + "\n"

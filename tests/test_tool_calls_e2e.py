@@ -110,7 +110,7 @@ def complete_calls(calls: list[tuple[str, str]], reason: str) -> list[tuple[str,
 def test_named_and_required_calls_validate(client):
     for messages, choice, seed in ((PROMPTS[1], NAMED, 1), (PROMPTS[0], "required", 2)):
         r = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, tool_choice=choice,
-                                           n=4, seed=seed, temperature=1.0, max_tokens=64,
+                                           n=3, seed=seed, temperature=1.0, max_tokens=64,
                                            parallel_tool_calls=False)
         for ch in r.choices:
             assert ch.finish_reason == "tool_calls" and ch.message.content is None
@@ -121,10 +121,10 @@ def test_named_and_required_calls_validate(client):
 
 def test_streamed_parallel_calls_validate(client):
     chunks = list(client.chat.completions.create(
-        model=MODEL, messages=PROMPTS[1], tools=TOOLS, tool_choice="required", n=4, seed=3, temperature=1.0,
-        max_tokens=96, stream=True))
+        model=MODEL, messages=PROMPTS[1], tools=TOOLS, tool_choice="required", n=3, seed=3, temperature=1.0,
+        max_tokens=80, stream=True))
     calls, reasons = streamed_calls(chunks)
-    assert sorted(calls) == [0, 1, 2, 3]
+    assert sorted(calls) == [0, 1, 2]
     for i, per_choice in calls.items():
         check(complete_calls(per_choice, reasons[i]), set(SCHEMAS))
 
@@ -132,7 +132,7 @@ def test_streamed_parallel_calls_validate(client):
 def test_auto_with_strict_functions(client):
     """Free text or calls; every call the model opens is held to the offered functions and their schemas."""
     made = 0
-    kw = dict(model=MODEL, tools=TOOLS, n=6, temperature=1.0, max_tokens=48)
+    kw = dict(model=MODEL, tools=TOOLS, n=5, temperature=1.0, max_tokens=40)
     for ch in client.chat.completions.create(messages=few_shot("Weather in Paris?"), seed=0, **kw).choices:
         calls = [(c.function.name, c.function.arguments) for c in ch.message.tool_calls or []]
         check(complete_calls(calls, ch.finish_reason) if calls else [], set(SCHEMAS))
@@ -142,7 +142,7 @@ def test_auto_with_strict_functions(client):
     for i, per_choice in streamed.items():
         check(complete_calls(per_choice, reasons[i]), set(SCHEMAS))
         made += len(per_choice)
-    assert made >= 6  # the model did open calls (else this test would check nothing)
+    assert made >= 5  # the model did open calls (else this test would check nothing)
 
 
 def test_disaggregated_streamed_and_cached(disaggregated):
