@@ -1,9 +1,9 @@
 """Structured output: a grammar masks the logits of every step (llguidance).
 
-The grammar is a request's JSON Schema (`response_format`) or an llguidance grammar in Lark syntax (the
-router's tool-call grammars). The mask allows exactly the tokens that keep the output a prefix of a matching
-document (and EOS once it is complete); after each sampled token the request's matcher advances. Grammars
-are compiled per request; the tokenizer view llguidance needs is built once per engine.
+The grammar is a request's JSON Schema (`response_format`, written in JSON_STYLE) or an llguidance grammar
+in Lark syntax (the router's tool-call grammars). The mask allows exactly the tokens that keep the output a
+prefix of a matching document (and EOS once it is complete); after each sampled token the request's matcher
+advances. Grammars are compiled per request; the tokenizer view llguidance needs is built once per engine.
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ import torch
 
 from mixquant_serve.sampling_params import SamplingParams
 from mixquant_serve.tokenizer import Tokenizer
+
+# JSON as `json.dumps` writes it (", " and ": ", no other whitespace): free whitespace lets a model fill its
+# tokens with blank lines. A schema's own "x-guidance" options win.
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 class GrammarError(ValueError):
@@ -47,7 +51,7 @@ def grammar_of(params: SamplingParams) -> tuple[str, str] | None:
         import llguidance
 
         try:
-            return llguidance.LLMatcher.grammar_from_json_schema(params.json_schema), "response_format"
+            return llguidance.LLMatcher.grammar_from_json_schema(params.json_schema, JSON_STYLE), "response_format"
         except ValueError as e:
             raise GrammarError(f"json_schema: {e}", "response_format") from None
     return None
