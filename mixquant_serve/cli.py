@@ -33,6 +33,8 @@ def _launch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None, help="require this bearer key on /v1/* (router flag)")
     p.add_argument("--worker-timeout", type=float, default=None,
                    help="seconds without a heartbeat after which the router counts a worker unhealthy (router flag)")
+    p.add_argument("--tool-call-constraint", choices=["all", "strict"], default=None,
+                   help="tool_choice auto: hold every call to its schema, or only strict functions' (router flag)")
     p.add_argument("--threads-per-worker", type=int, default=0,
                    help="torch CPU threads per worker (0: the cores divided among the workers)")
     p.add_argument("--chat-template", default=None, help="Jinja chat template file overriding the model's")
@@ -54,7 +56,8 @@ def launch(args: argparse.Namespace) -> int:
         print(f"mixquant-serve: {e}", file=sys.stderr)
         return 2
     router_args = []
-    for flag in ("chat_template", "policy", "local_prefill_max_tokens", "api_key", "worker_timeout"):
+    for flag in ("chat_template", "policy", "local_prefill_max_tokens", "api_key", "worker_timeout",
+                 "tool_call_constraint"):
         if (value := getattr(args, flag)) is not None:
             router_args += ["--" + flag.replace("_", "-"), str(value)]
     backend = args.transfer_backend or ("nccl" if engine.device == "cuda" or _has_gpu() else "tcp")

@@ -37,6 +37,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     # structured output: every sampled token keeps the text a prefix of a document matching this JSON
     # Schema (text); '{"type": "object"}' is OpenAI's json_object mode
     json_schema: str | None = None
+    # the same for any llguidance grammar (Lark syntax, `%json {...}` inline schemas allowed): the router's
+    # tool-call grammars (router.tool_grammar). At most one of json_schema and grammar is set.
+    grammar: str | None = None
 
     @property
     def greedy(self) -> bool:
@@ -62,6 +65,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
         ]
         if self.json_schema is not None:
             checks.append(("json_schema", _is_json_object(self.json_schema), "must be a JSON Schema object"))
+        if self.grammar is not None:
+            checks.append(("grammar", bool(self.grammar.strip()) and self.json_schema is None,
+                           "must be non-empty and not combined with json_schema"))
         for field, ok, why in checks:
             if not ok:
                 raise InvalidSamplingParams(field, f"{field} {why} (got {getattr(self, field)!r})")

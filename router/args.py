@@ -11,6 +11,7 @@ from router.placement import POLICIES
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 REASONING_PARSERS = ("auto", "qwen3", "none")
 SAMPLING_DEFAULT_SOURCES = ("model", "openai")
+TOOL_CALL_CONSTRAINTS = ("all", "strict")
 
 # Tokens a turn may add beyond what its decode worker holds and still be prefilled there (BF16) instead of
 # on a prefill worker. benchmarks/agent_sessions.py sweeps this value (RESULTS.md, "Agent sessions"): on CPU
@@ -32,6 +33,7 @@ class RouterConfig:
     served_model_name: str | None = None
     chat_template: str | None = None
     reasoning_parser: str = "auto"
+    tool_call_constraint: str = "all"
     sampling_defaults: str = "model"
     policy: str = "affinity"
     session_ttl: float = 600.0
@@ -75,6 +77,9 @@ _HELP = {
                          "(temperature 1, top_p 1, no top_k)",
     "reasoning_parser": "split <think>...</think> into reasoning_content: qwen3, none, or auto (qwen3 when "
                         "the chat template mentions <think>)",
+    "tool_call_constraint": "tool_choice auto: all (every call the model opens is held to an offered function "
+                            "and its parameters schema) or strict (only functions marked strict: true are held "
+                            "to their schema; named and required tool_choice are always constrained)",
     "policy": "placement: affinity (sessions stay on one prefill/decode pair, new ones go where their "
               "prefix is cached), round_robin (prefill and decode chosen independently per request, no "
               "affinity), least_loaded (per request, no affinity)",
@@ -103,7 +108,7 @@ _HELP = {
 
 _LISTS = ("worker_urls", "prefill_urls", "decode_urls", "api_key")
 _CHOICES = {"policy": tuple(sorted(POLICIES)), "reasoning_parser": REASONING_PARSERS, "log_level": LOG_LEVELS,
-            "sampling_defaults": SAMPLING_DEFAULT_SOURCES}
+            "sampling_defaults": SAMPLING_DEFAULT_SOURCES, "tool_call_constraint": TOOL_CALL_CONSTRAINTS}
 
 
 def _comma_list(text: str) -> tuple[str, ...]:

@@ -112,8 +112,10 @@ class SamplingDefaults:
 
 
 def base_params(req: SamplingRequest, max_tokens: int | None, logprobs: int | None,
-                extra_stop: tuple[str, ...] = (), defaults: SamplingDefaults = SamplingDefaults()) -> SamplingParams:
-    """Parameters before the prompt is known: max_tokens may still be None ("up to the context")."""
+                extra_stop: tuple[str, ...] = (), defaults: SamplingDefaults = SamplingDefaults(),
+                grammar: str | None = None) -> SamplingParams:
+    """Parameters before the prompt is known: max_tokens may still be None ("up to the context").
+    A tool-call grammar replaces the response_format schema (it embeds it where it still applies)."""
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     stop += tuple(s for s in extra_stop if s not in stop)
     params = SamplingParams(
@@ -132,7 +134,8 @@ def base_params(req: SamplingRequest, max_tokens: int | None, logprobs: int | No
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens,
-        json_schema=response_schema(req),
+        json_schema=None if grammar is not None else response_schema(req),
+        grammar=grammar,
     )
     try:
         params.validate()

@@ -38,15 +38,30 @@ def partial_tag(text: str, tag: str) -> int:
 
 
 def merge(into: Delta, delta: Delta) -> Delta:
-    """Accumulate deltas into one message: strings are joined, lists extended, other values replaced."""
+    """Accumulate deltas into one message: strings are joined, lists extended (tool-call deltas of one call,
+    same index, are folded into it), other values replaced."""
     for key, value in delta.items():
         if isinstance(value, str) and isinstance(into.get(key), str):
             into[key] += value
+        elif key == "tool_calls" and isinstance(into.get(key), list):
+            into[key] = _merge_calls(into[key], value)
         elif isinstance(value, list) and isinstance(into.get(key), list):
             into[key] = into[key] + value
         else:
             into[key] = value
     return into
+
+
+def _merge_calls(calls: list[Delta], more: list[Delta]) -> list[Delta]:
+    by_index = {c["index"]: {**c, "function": dict(c["function"])} for c in calls}
+    for c in more:
+        if (old := by_index.get(c["index"])) is None:
+            by_index[c["index"]] = {**c, "function": dict(c["function"])}
+        else:
+            old["function"]["arguments"] = old["function"].get("arguments", "") + c["function"].get("arguments", "")
+            old.update({k: v for k, v in c.items() if k not in ("function", "index")})
+            old["function"].update({k: v for k, v in c["function"].items() if k != "arguments"})
+    return list(by_index.values())
 
 
 def final_message(delta: Delta) -> Delta:

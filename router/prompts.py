@@ -23,7 +23,8 @@ class ChatPrompt:
     tools: ToolPlan
 
 
-def encode_chat(tok: Tokenizer, req: ChatCompletionRequest, template_overridden: bool = False) -> ChatPrompt:
+def encode_chat(tok: Tokenizer, req: ChatCompletionRequest, template_overridden: bool = False,
+                tool_constraint: str = "all") -> ChatPrompt:
     """Render the messages (and tools) with the chat template and tokenize them.
 
     Tools use the model's template when it has a tools section, our ChatML tool template otherwise
@@ -33,7 +34,7 @@ def encode_chat(tok: Tokenizer, req: ChatCompletionRequest, template_overridden:
         raise APIError(400, "this model has no chat template; use /v1/completions or start the router "
                             "with --chat-template", code="no_chat_template")
     messages = [_message_dict(m) for m in req.messages]
-    plan = plan_tools(req)
+    plan = plan_tools(req, tool_constraint)
     template = None
     wants_tools = plan.tools is not None or uses_tool_messages(messages)
     if wants_tools and not template_overridden and not tok.template_supports_tools:

@@ -121,7 +121,8 @@ async def _chat(state: RouterState, request: Request, ticket: Ticket) -> Respons
     req = await read_request(request, ChatCompletionRequest, state.cfg.max_request_bytes)
     state.check_model(req.model)
     check_chat(req)
-    prompt = await asyncio.to_thread(encode_chat, state.tokenizer, req, state.cfg.chat_template is not None)
+    prompt = await asyncio.to_thread(encode_chat, state.tokenizer, req, state.cfg.chat_template is not None,
+                                     state.cfg.tool_call_constraint)
     env = Envelope(f"chatcmpl-{uuid.uuid4().hex}", state.cfg.model_name, req.include_usage)
     procs = [create_processor(prompt, state.reasoning) for _ in range(req.n)]
     fmt = ChatFormat(env, state.tokenizer, procs, req.logprobs)
@@ -129,7 +130,7 @@ async def _chat(state: RouterState, request: Request, ticket: Ticket) -> Respons
     session = (explicit_key(request.headers, req.prompt_cache_key, req.user)
                or conversation_key(prompt.messages))
     job = _Job(req, "/v1/chat/completions", [prompt.ids], "messages", max_tokens, chat_logprobs(req), fmt,
-               session, prompt.tools.stop)
+               session, prompt.tools.stop, prompt.tools.grammar)
     return await _run(state, request, job, ticket)
 
 
@@ -159,6 +160,7 @@ class _Job:
     fmt: Format
     session: str
     extra_stop: tuple[str, ...] = ()
+    grammar: str | None = None  # tool calls held to the offered functions (router.tool_grammar)
     local_prefill: bool = False  # set after a failed KV transfer: the decode worker prefills everything
 
     @property
@@ -172,7 +174,8 @@ def _start(state: RouterState, request: Request, job: _Job, attempt: int) -> Gen
     where = PlacementRequest(job.rid, job.prompts[0], job.req.n * len(job.prompts), job.session)
     target = state.policy.choose(state.pool, where, prompt)
     ctx = target.worker.context_length or 0
-    base = base_params(job.req, job.max_tokens, job.logprobs, job.extra_stop, state.sampling_defaults)
+    base = base_params(job.req, job.max_tokens, job.logprobs, job.extra_stop, state.sampling_defaults,
+                       job.grammar)
     n, specs = job.req.n, []
     for p, ids in enumerate(job.prompts):
         fitted = fit_context(base, len(ids), ctx, job.prompt_param)

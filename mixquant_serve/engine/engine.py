@@ -143,11 +143,11 @@ class Engine:
                       stop_token_set=stop_ids, detok=detok, sample_in_prefill=sample_in_prefill,
                       prefill_only=prefill_only, remote_url=remote_prefill,
                       local_prefill_max_tokens=local_prefill_max_tokens or 0, prefix_reuse=prefix_reuse)
-        if params.json_schema is not None and not prefill_only:
+        if not prefill_only:
             try:
-                req.matcher = self.grammars.matcher(params.json_schema)
+                req.matcher = self.grammars.matcher(params)
             except GrammarError as e:
-                raise RequestError(str(e), param="response_format") from None
+                raise RequestError(str(e), param=e.param) from None
         self.requests[rid] = req
         self.scheduler.add(req)
         self.counters["prompt_tokens"] += n
