@@ -7,6 +7,10 @@ Lifecycle of a request in a colocated worker:
   3. after every engine step each request that gained a token gets a ReqOutput increment, sent to
      the router that asked for it; the last one has finished=True;
   4. AbortReq (a client went away) removes it wherever it is and frees its pages.
+A request that finds `max_queued_requests` others already waiting for pages (a full KV pool) is refused
+at once with error_code "overloaded" (the router answers 429 with Retry-After), so a backlog stays
+bounded. A router that has said Hello and then stays silent for `router_timeout` seconds is gone (killed,
+restarted under a new socket identity): the requests it sent are aborted, since no one can receive them.
 Between steps the loop drains its sockets; when idle it blocks on them. Every `heartbeat_s` it
 broadcasts WorkerStats and the prefix cache's changes (CacheEvents), which the router uses for
 health, placement and /metrics. A step that runs longer than a heartbeat (a long prefill chunk on a
@@ -54,8 +58,13 @@ class Worker:
     role = "colocated"
 
     def __init__(self, engine: Engine, address: str, worker_id: str, heartbeat_s: float = 0.5,
-                 router_url: str | None = None, advertise_host: str | None = None) -> None:
+                 router_url: str | None = None, advertise_host: str | None = None,
+                 max_queued_requests: int = 256, router_timeout: float = 60.0) -> None:
         self.engine = engine
+        self.max_queued_requests = max_queued_requests  # 0: no bound
+        self.router_timeout = router_timeout
+        self.heard: dict[bytes, float] = {}  # router (a peer that said Hello) -> when it last sent anything
+        self.orphans_aborted = 0
         self.worker_id = worker_id
         self.instance_id = uuid.uuid4().hex
         self.sock = WorkerSocket(address)
@@ -93,6 +102,7 @@ class Worker:
     def stats(self) -> WorkerStats:
         counters = {k: float(v) for k, v in self.engine.counters.items()}
         counters["preemptions"] = float(self.engine.scheduler.num_preemptions)
+        counters["orphans_aborted"] = float(self.orphans_aborted)
         return WorkerStats(worker_id=self.worker_id, instance_id=self.instance_id, counters=counters,
                            gauges=self.gauges(), draining=self.stopping, **self.engine.stats())
 
@@ -183,7 +193,10 @@ class Worker:
         self.stopping = True
 
     def _handle(self, messages: list) -> None:
+        now = time.monotonic()
         for peer, msg in messages:
+            if isinstance(msg, Hello) or peer in self.heard:
+                self.heard[peer] = now
             if isinstance(msg, GenerateReq):
                 self._add(peer, msg)
             elif isinstance(msg, AbortReq):
@@ -206,6 +219,10 @@ class Worker:
 
     def _add(self, peer: bytes, msg: GenerateReq) -> None:
         self.owner[msg.rid] = peer
+        if self.max_queued_requests and self.engine.stats()["num_waiting"] >= self.max_queued_requests:
+            self._send([_refusal(msg, f"the worker's queue is full ({self.max_queued_requests} requests wait "
+                                      "for KV cache space); retry later", "overloaded")])
+            return
         try:
             self.engine.add_request(msg.rid, msg.input_ids, msg.params, **self._request_options(msg))
         except InvalidSamplingParams as e:
@@ -240,6 +257,20 @@ class Worker:
                 self.sock.broadcast(self._cache_events(snapshot=False))
             if self.registrar:
                 self.registrar.tick(now)
+            self._forget_silent_routers(now)
+
+    def _forget_silent_routers(self, now: float) -> None:
+        """Abort what routers silent for router_timeout sent (their outputs can reach no one) and forget them."""
+        for peer in [p for p, t in self.heard.items() if now - t > self.router_timeout]:
+            orphans = [rid for rid, owner in self.owner.items() if owner == peer]
+            for rid in orphans:
+                self._abort(rid)
+                self.owner.pop(rid, None)
+            self.orphans_aborted += len(orphans)
+            silent = now - self.heard.pop(peer)
+            self.sock.peers.discard(peer)
+            self.snapshot_sent.discard(peer)
+            log.warning("a router silent for %.0f s is gone: aborted its %d requests", silent, len(orphans))
 
     def _shutdown(self) -> None:
         outs = [ReqOutput(rid=rid, finished=True, finish_reason="error", error="worker shut down",
