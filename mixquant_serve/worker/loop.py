@@ -23,6 +23,7 @@ The prefill and decode workers extend this loop through the hooks
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -285,23 +286,31 @@ class Worker:
 
 
 class _Registrar:
-    """Announces the worker to a router's registration socket until that router says Hello."""
+    """Announces the worker to a router's registration socket: every second until that router says Hello,
+    then every REANNOUNCE_S seconds, so that a router restarted at the same address (which knows no
+    workers) finds it again. A registration of a known worker changes nothing on the router."""
+
+    REANNOUNCE_S = 5.0
 
     def __init__(self, router_url: str, url: str, role: str) -> None:
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 4)  # while no router listens, keep a few, not an hour's worth
         self.sock.connect(router_url)
         self.message = encode(Register(url=url, role=role))
         self.done = False
         self.next = 0.0
 
     def heard(self) -> None:
+        if not self.done:
+            self.next = time.monotonic() + self.REANNOUNCE_S
         self.done = True
 
     def tick(self, now: float) -> None:
-        if not self.done and now >= self.next:
-            self.next = now + 1.0
-            self.sock.send(self.message, zmq.NOBLOCK)
+        if now >= self.next:
+            self.next = now + (self.REANNOUNCE_S if self.done else 1.0)
+            with contextlib.suppress(zmq.Again):  # the queue to an absent router is full
+                self.sock.send(self.message, zmq.NOBLOCK)
 
     def close(self) -> None:
         self.sock.close(0)
