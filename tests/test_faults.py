@@ -162,7 +162,7 @@ def _processes(smollm_path: str, decode_args: tuple[str, ...] = (), router_timeo
         start_router()
         spawn("prefill", ["prefill_worker", *common, "--max-total-tokens", "8192", "--worker-id", "prefill-0"])
         spawn("decode", ["decode_worker", *common, "--worker-id", "decode-0", *decode_args])
-        _wait_cluster(state["url"], 2)
+        _wait_cluster(state["url"], 2, procs)
         yield state
     finally:
         for p in procs:
@@ -176,8 +176,10 @@ def _processes(smollm_path: str, decode_args: tuple[str, ...] = (), router_timeo
                 p.wait()
 
 
-def _wait_cluster(url: str, workers: int, timeout: float = 180) -> None:
+def _wait_cluster(url: str, workers: int, procs: list[subprocess.Popen] = (), timeout: float = 180) -> None:
     def ready():
+        dead = [p.args[2] for p in procs if p.poll() is not None]
+        assert not dead, f"{dead} exited during start-up (logs in .pytest_cache/faults-*.log)"
         try:
             ws = get_json(f"{url}/workers")
         except OSError:
@@ -219,7 +221,7 @@ def test_router_killed_and_restarted_under_load(smollm_path):
 
 def test_a_full_decode_kv_pool_queues_to_a_bound_then_429(smollm_path):
     # 40 pages of 16 tokens: each request needs ~10 (a ~90-token prompt and 64 new tokens), so ~4 run, 2 wait
-    decode = ("--max-total-tokens", "640", "--max-queued-requests", "2", "--max-running-requests", "16")
+    decode = ("--max-total-tokens", "640", "--context-length", "512", "--max-queued-requests", "2")
     with _processes(smollm_path, decode) as c:
         url = c["url"]
         bodies = [_body(i, 64, "Describe the sea. " * 8) for i in range(16)]
