@@ -28,7 +28,7 @@ from cluster import ROOT, get_json, launched, wait_idle_no_leaks
 from mixquant_serve.launcher import free_port
 
 MODEL = "SmolLM2-135M-Instruct"
-LONG_PROMPT = " ".join(f"Line {i}: the worker at rack {i % 9} logged status {i * 7 % 31}." for i in range(40))
+LONG_PROMPT = " ".join(f"Line {i}: the worker at rack {i % 9} logged status {i * 7 % 31}." for i in range(16))
 
 
 def _body(i: int, max_tokens: int, prompt: str = LONG_PROMPT) -> dict:
@@ -98,9 +98,10 @@ def _taken_back(url: str, victim: dict, timeout: float = 30) -> None:
 def test_a_stopped_prefill_worker_mid_transfer(smollm_path):
     args = ["--prefill-workers", "2", "--decode-workers", "1", "--transfer-backend", "tcp", "--transfer-timeout",
             "4", "--worker-timeout", "3", "--local-prefill-max-tokens", "0", "--context-length", "1024",
-            "--max-total-tokens", "8192", "--policy", "round_robin"]
+            "--max-total-tokens", "8192", "--policy", "round_robin", "--prefill-precision", "bf16",
+            "--chunked-prefill-size", "64"]  # prefill in many short steps: the worker is caught mid-transfer
     with launched(*args) as url:
-        bodies = [_body(i, 4) for i in range(6)]
+        bodies = [_body(i, 4) for i in range(4)]
         responses, victim, unhealthy = asyncio.run(
             _stop_when_busy(url, "prefill", lambda s: s["num_running"] > 0, bodies))
         _assert_all_200(responses)
