@@ -378,7 +378,8 @@ def plot(s: dict[str, Any], path: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="an existing server (default: launch one with --launch-args)")
-    p.add_argument("--launch-args", default="--prefill-workers 2 --decode-workers 2 --transfer-backend tcp",
+    p.add_argument("--launch-args", default="--prefill-workers 2 --decode-workers 2 --transfer-backend tcp "
+                   "--local-prefill-max-tokens 64 --context-length 2048 --max-total-tokens 8192",
                    help="flags of `mixquant-serve launch` when no --url is given")
     p.add_argument("--router-pid", type=int, default=None, help="the router's pid with --url (for its RSS)")
     p.add_argument("--concurrency", type=int, default=8)

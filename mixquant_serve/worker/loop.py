@@ -65,6 +65,7 @@ class Worker:
         self.max_queued_requests = max_queued_requests  # 0: no bound
         self.router_timeout = router_timeout
         self.heard: dict[bytes, float] = {}  # router (a peer that said Hello) -> when it last sent anything
+        self._last_drain = 0.0  # when the control socket was last read
         self.orphans_aborted = 0
         self.worker_id = worker_id
         self.instance_id = uuid.uuid4().hex
@@ -195,6 +196,9 @@ class Worker:
 
     def _handle(self, messages: list) -> None:
         now = time.monotonic()
+        if now - self._last_drain > 2 * self.heartbeat_s:  # this loop was away (a long step, SIGSTOP): what
+            self.heard = dict.fromkeys(self.heard, now)  # routers sent meanwhile may still be on its way in
+        self._last_drain = now
         for peer, msg in messages:
             if isinstance(msg, Hello) or peer in self.heard:
                 self.heard[peer] = now
@@ -258,17 +262,19 @@ class Worker:
                 self.sock.broadcast(self._cache_events(snapshot=False))
             if self.registrar:
                 self.registrar.tick(now)
-            self._forget_silent_routers(now)
+            self._forget_silent_routers()
 
-    def _forget_silent_routers(self, now: float) -> None:
-        """Abort what routers silent for router_timeout sent (their outputs can reach no one) and forget them."""
-        for peer in [p for p, t in self.heard.items() if now - t > self.router_timeout]:
+    def _forget_silent_routers(self) -> None:
+        """Abort what routers silent for router_timeout sent (their outputs can reach no one) and forget them.
+        Silence counts up to the last read of the socket, not to now, and not across a stretch in which the
+        loop read nothing (after a long step or a stop, the greetings sent meanwhile are still unread)."""
+        for peer in [p for p, t in self.heard.items() if self._last_drain - t > self.router_timeout]:
             orphans = [rid for rid, owner in self.owner.items() if owner == peer]
             for rid in orphans:
                 self._abort(rid)
                 self.owner.pop(rid, None)
             self.orphans_aborted += len(orphans)
-            silent = now - self.heard.pop(peer)
+            silent = self._last_drain - self.heard.pop(peer)
             self.sock.peers.discard(peer)
             self.snapshot_sent.discard(peer)
             log.warning("a router silent for %.0f s is gone: aborted its %d requests", silent, len(orphans))
