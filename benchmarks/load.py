@@ -406,6 +406,14 @@ def _router_pid(launcher_pid: int) -> int | None:
     return None
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = LoadConfig(concurrency=args.concurrency, duration=args.duration, requests=args.requests,
@@ -424,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             me = psutil.Process()
             launcher = next(c.pid for c in me.children() if "launch" in c.cmdline())
             summary = asyncio.run(run_load(url, cfg, _router_pid(launcher)))
-    summary["machine"] = f"{platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
+    summary["machine"] = f"{_cpu_name()} ({os.cpu_count()} CPUs), {platform.node()}"
     Path(f"{args.out}.json").write_text(json.dumps(summary, indent=1))
     plot(summary, Path(f"{args.out}.png"))
     print(table(summary))
