@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
+import pytest
 from cluster import ROOT, get_json, launched, wait_idle_no_leaks
 
 from mixquant_serve.launcher import free_port
@@ -95,42 +96,45 @@ def _taken_back(url: str, victim: dict, timeout: float = 30) -> None:
     assert after > before, f"no new request reached {victim['worker_id']}"
 
 
-def test_a_stopped_prefill_worker_mid_transfer(smollm_path):
-    args = ["--prefill-workers", "2", "--decode-workers", "1", "--transfer-backend", "tcp", "--transfer-timeout",
+def _retries(url: str) -> float:
+    return float(next(ln.split()[-1] for ln in httpx.get(f"{url}/metrics").text.splitlines()
+                      if ln.startswith("mixquant_router_retries_total")))
+
+
+@pytest.fixture(scope="module")
+def stoppable(smollm_path):
+    """2 prefill + 2 decode workers (tcp), a 3 s worker timeout, a 4 s transfer timeout; every prompt prefilled
+    remotely in BF16 in 64-token chunks (many short steps: a worker is caught mid-transfer)."""
+    args = ["--prefill-workers", "2", "--decode-workers", "2", "--transfer-backend", "tcp", "--transfer-timeout",
             "4", "--worker-timeout", "3", "--local-prefill-max-tokens", "0", "--context-length", "1024",
             "--max-total-tokens", "8192", "--policy", "round_robin", "--prefill-precision", "bf16",
-            "--chunked-prefill-size", "64"]  # prefill in many short steps: the worker is caught mid-transfer
+            "--chunked-prefill-size", "64"]
     with launched(*args) as url:
-        bodies = [_body(i, 4) for i in range(4)]
-        responses, victim, unhealthy = asyncio.run(
-            _stop_when_busy(url, "prefill", lambda s: s["num_running"] > 0, bodies))
-        _assert_all_200(responses)
-        assert unhealthy, "the router never marked the stopped prefill worker unhealthy"
-        metrics = httpx.get(f"{url}/metrics").text
-        retries = float(next(ln.split()[-1] for ln in metrics.splitlines()
-                             if ln.startswith("mixquant_router_retries_total")))
-        assert retries >= 1, "no request was retried"
-        _taken_back(url, victim)
-        wait_idle_no_leaks(url, timeout=30)
+        yield url
 
 
-def test_a_stopped_decode_worker_mid_decode(smollm_path):
-    args = ["--prefill-workers", "1", "--decode-workers", "2", "--transfer-backend", "tcp", "--worker-timeout", "3",
-            "--context-length", "1024", "--max-total-tokens", "8192", "--policy", "round_robin"]
-    with launched(*args) as url:
-        bodies = [_body(i, 48, "Count slowly.") for i in range(6)]
-        responses, victim, unhealthy = asyncio.run(
-            _stop_when_busy(url, "decode", lambda s: s["num_running"] >= 2, bodies))
-        _assert_all_200(responses)
-        assert all(r.json()["usage"]["completion_tokens"] == 48 for r in responses)
-        assert unhealthy, "the router never marked the stopped decode worker unhealthy"
-        retries = float(next(ln.split()[-1] for ln in httpx.get(f"{url}/metrics").text.splitlines()
-                             if ln.startswith("mixquant_router_retries_total")))
-        assert retries >= 2, "the stopped worker's requests were not placed again"
-        entry = next(w for w in get_json(f"{url}/workers") if w["url"] == victim["url"])
-        assert entry["routed"] >= 2
-        _taken_back(url, victim)
-        wait_idle_no_leaks(url, timeout=30)
+def test_a_stopped_prefill_worker_mid_transfer(stoppable):
+    url, before = stoppable, _retries(stoppable)
+    responses, victim, unhealthy = asyncio.run(
+        _stop_when_busy(url, "prefill", lambda s: s["num_running"] > 0, [_body(i, 4) for i in range(4)]))
+    _assert_all_200(responses)
+    assert unhealthy, "the router never marked the stopped prefill worker unhealthy"
+    assert _retries(url) > before, "no request was retried"
+    _taken_back(url, victim)
+    wait_idle_no_leaks(url, timeout=30)
+
+
+def test_a_stopped_decode_worker_mid_decode(stoppable):
+    url, before = stoppable, _retries(stoppable)
+    bodies = [_body(10 + i, 32, "Count slowly.") for i in range(6)]
+    responses, victim, unhealthy = asyncio.run(
+        _stop_when_busy(url, "decode", lambda s: s["num_running"] >= 2, bodies))
+    _assert_all_200(responses)
+    assert all(r.json()["usage"]["completion_tokens"] == 32 for r in responses)
+    assert unhealthy, "the router never marked the stopped decode worker unhealthy"
+    assert _retries(url) >= before + 2, "the stopped worker's requests were not placed again"
+    _taken_back(url, victim)
+    wait_idle_no_leaks(url, timeout=30)
 
 
 # ---------------------------------------------------------------- clusters started by hand
