@@ -7,10 +7,12 @@ Lifecycle of a request in a colocated worker:
   3. after every engine step each request that gained a token gets a ReqOutput increment, sent to
      the router that asked for it; the last one has finished=True;
   4. AbortReq (a client went away) removes it wherever it is and frees its pages.
-A request that finds `max_queued_requests` others already waiting for pages (a full KV pool) is refused
-at once with error_code "overloaded" (the router answers 429 with Retry-After), so a backlog stays
-bounded. A router that has said Hello and then stays silent for `router_timeout` seconds is gone (killed,
-restarted under a new socket identity): the requests it sent are aborted, since no one can receive them.
+After each step, the newest requests still waiting beyond `max_queued_requests` (the scheduler could not
+admit them: KV pages or running slots are short) are refused with error_code "overloaded" (the router
+answers 429 with Retry-After), so a backlog stays bounded; a preempted request that has already produced
+tokens is never refused. A router that has said Hello and then stays silent for `router_timeout` seconds
+is gone (killed, or reconnected under a new socket identity): the requests it sent are aborted, since no
+one can receive their outputs.
 Between steps the loop drains its sockets; when idle it blocks on them. Every `heartbeat_s` it
 broadcasts WorkerStats and the prefix cache's changes (CacheEvents), which the router uses for
 health, placement and /metrics. A step that runs longer than a heartbeat (a long prefill chunk on a
@@ -142,7 +144,7 @@ class Worker:
             while not self.stopping:
                 self._handle(self.sock.recv_all())
                 if self.engine.has_work:
-                    self._send(self._step())
+                    self._send(self._step() + self._shed())
                 else:
                     poller.poll(self._idle_poll_ms())
                 self._send(self._after_step())
@@ -224,16 +226,26 @@ class Worker:
 
     def _add(self, peer: bytes, msg: GenerateReq) -> None:
         self.owner[msg.rid] = peer
-        if self.max_queued_requests and self.engine.stats()["num_waiting"] >= self.max_queued_requests:
-            self._send([_refusal(msg, f"the worker's queue is full ({self.max_queued_requests} requests wait "
-                                      "for KV cache space); retry later", "overloaded")])
-            return
         try:
             self.engine.add_request(msg.rid, msg.input_ids, msg.params, **self._request_options(msg))
         except InvalidSamplingParams as e:
             self._send([_refusal(msg, str(e), "invalid_request")])
         except RequestError as e:
             self._send([_refusal(msg, str(e), e.code, e.param)])
+
+    def _shed(self) -> list[ReqOutput]:
+        """Refuse the newest waiting requests beyond max_queued_requests (see the module docstring)."""
+        waiting = self.engine.scheduler.waiting
+        excess = len(waiting) - self.max_queued_requests
+        if not self.max_queued_requests or excess <= 0:
+            return []
+        shed = [r for r in reversed(waiting) if not r.output_ids][:excess]
+        for req in shed:
+            self.engine.abort(req.rid)
+        why = (f"the worker is out of KV cache space and {self.max_queued_requests} requests already wait for "
+               "it; retry later")
+        return [ReqOutput(rid=r.rid, finished=True, finish_reason="error", error=why, error_code="overloaded",
+                          prompt_tokens=r.num_prompt_tokens) for r in shed]
 
     def _request_options(self, msg: GenerateReq) -> dict:
         return {}
