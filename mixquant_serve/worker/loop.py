@@ -239,7 +239,8 @@ class Worker:
         excess = len(waiting) - self.max_queued_requests
         if not self.max_queued_requests or excess <= 0:
             return []
-        shed = [r for r in reversed(waiting) if not r.output_ids][:excess]
+        # only a router's requests (a prefill worker's jobs come from decode workers, which time them out)
+        shed = [r for r in reversed(waiting) if not r.output_ids and r.rid in self.owner][:excess]
         for req in shed:
             self.engine.abort(req.rid)
         why = (f"the worker is out of KV cache space and {self.max_queued_requests} requests already wait for "
