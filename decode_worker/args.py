@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mixquant_serve.worker.args import add_transfer_args, parser, run
+from mixquant_serve.worker.args import add_transfer_args, parser, run, worker_options
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,7 +20,6 @@ def main(argv: list[str] | None = None) -> None:
     def make(engine, address: str, worker_id: str, a: argparse.Namespace) -> DecodeWorker:
         host = a.transfer_host or a.advertise_host or a.host
         return DecodeWorker(engine, address, worker_id, backend=a.transfer_backend, transfer_host=host,
-                            transfer_timeout=a.transfer_timeout, router_url=a.router_url,
-                            advertise_host=a.advertise_host)
+                            transfer_timeout=a.transfer_timeout, **worker_options(a))
 
     run(args, make)

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mixquant_serve.tokenizer import Tokenizer
-from router import serving
+from router import openapi_doc, serving
 from router.args import RouterConfig, parse_args
 from router.errors import APIError, error_body, validation_message
 from router.metrics import RouterMetrics
@@ -65,6 +65,7 @@ def create_app(cfg: RouterConfig) -> FastAPI:
     app.state.registry = registry
     _add_routes(app, state)
     _add_error_handlers(app)
+    openapi_doc.install(app)
     limiter = RateLimiter(cfg.rate_limit, cfg.rate_limit_burst) if cfg.rate_limit > 0 else None
     if cfg.api_key or limiter is not None:
         app.add_middleware(SecurityGate, keys=cfg.api_key, limiter=limiter)

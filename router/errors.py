@@ -23,11 +23,14 @@ _WORKER_CODES = {
     "context_length_exceeded": 400,
     "invalid_request": 400,
     "bad_request": 400,
-    "overloaded": 503,
+    "overloaded": 429,  # the worker's queue for KV cache space is full
     "worker_unavailable": 503,
     "aborted": 503,
     "kv_transfer_failed": 503,
 }
+
+
+RETRY_AFTER_S = 1  # what a 429 asks a client to wait (the Retry-After header)
 
 
 class APIError(Exception):
@@ -37,12 +40,13 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.code = code
+        self.headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
 
     def body(self) -> dict[str, Any]:
         return error_body(self.status, self.message, self.param, self.code)
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None

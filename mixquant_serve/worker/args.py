@@ -25,6 +25,12 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--router-url", default=None,
                    help="a router's registration address (tcp://host:port) to announce this worker to")
     p.add_argument("--worker-id", default=None, help="name in the router's metrics (default: random)")
+    p.add_argument("--max-queued-requests", type=int, default=256,
+                   help="requests that may wait for KV cache space; more are refused (the router answers 429 "
+                        "with Retry-After). 0: no bound")
+    p.add_argument("--router-timeout", type=float, default=60.0,
+                   help="seconds a router that said Hello may stay silent before it counts as gone and the "
+                        "requests it sent are aborted (routers greet every few seconds)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--log-level", default="info")
     return p
@@ -35,6 +41,12 @@ def add_transfer_args(p: argparse.ArgumentParser) -> None:
                    help="how KV moves between prefill and decode workers")
     p.add_argument("--transfer-timeout", type=float, default=30.0,
                    help="seconds a request's KV transfer may take before it fails and its pages are freed")
+
+
+def worker_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments of every Worker class from the shared flags."""
+    return {"router_url": args.router_url, "advertise_host": args.advertise_host or None,
+            "max_queued_requests": args.max_queued_requests, "router_timeout": args.router_timeout}
 
 
 def run(args: argparse.Namespace, make_worker: Callable) -> None:
@@ -62,5 +74,4 @@ def main(argv: list[str] | None = None) -> None:
     args = parser("python -m mixquant_serve.worker", "A colocated worker: one engine running both phases.") \
         .parse_args(argv)
 
-    run(args, lambda engine, address, worker_id, a: Worker(
-        engine, address, worker_id, router_url=a.router_url, advertise_host=a.advertise_host or None))
+    run(args, lambda engine, address, worker_id, a: Worker(engine, address, worker_id, **worker_options(a)))

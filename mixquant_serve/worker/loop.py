@@ -7,6 +7,12 @@ Lifecycle of a request in a colocated worker:
   3. after every engine step each request that gained a token gets a ReqOutput increment, sent to
      the router that asked for it; the last one has finished=True;
   4. AbortReq (a client went away) removes it wherever it is and frees its pages.
+After each step, the newest requests still waiting beyond `max_queued_requests` (the scheduler could not
+admit them: KV pages or running slots are short) are refused with error_code "overloaded" (the router
+answers 429 with Retry-After), so a backlog stays bounded; a preempted request that has already produced
+tokens is never refused. A router that has said Hello and then stays silent for `router_timeout` seconds
+is gone (killed, or reconnected under a new socket identity): the requests it sent are aborted, since no
+one can receive their outputs.
 Between steps the loop drains its sockets; when idle it blocks on them. Every `heartbeat_s` it
 broadcasts WorkerStats and the prefix cache's changes (CacheEvents), which the router uses for
 health, placement and /metrics. A step that runs longer than a heartbeat (a long prefill chunk on a
@@ -19,6 +25,7 @@ The prefill and decode workers extend this loop through the hooks
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -54,8 +61,14 @@ class Worker:
     role = "colocated"
 
     def __init__(self, engine: Engine, address: str, worker_id: str, heartbeat_s: float = 0.5,
-                 router_url: str | None = None, advertise_host: str | None = None) -> None:
+                 router_url: str | None = None, advertise_host: str | None = None,
+                 max_queued_requests: int = 256, router_timeout: float = 60.0) -> None:
         self.engine = engine
+        self.max_queued_requests = max_queued_requests  # 0: no bound
+        self.router_timeout = router_timeout
+        self.heard: dict[bytes, float] = {}  # router (a peer that said Hello) -> when it last sent anything
+        self._last_drain = 0.0  # when the control socket was last read
+        self.orphans_aborted = 0
         self.worker_id = worker_id
         self.instance_id = uuid.uuid4().hex
         self.sock = WorkerSocket(address)
@@ -93,6 +106,7 @@ class Worker:
     def stats(self) -> WorkerStats:
         counters = {k: float(v) for k, v in self.engine.counters.items()}
         counters["preemptions"] = float(self.engine.scheduler.num_preemptions)
+        counters["orphans_aborted"] = float(self.orphans_aborted)
         return WorkerStats(worker_id=self.worker_id, instance_id=self.instance_id, counters=counters,
                            gauges=self.gauges(), draining=self.stopping, **self.engine.stats())
 
@@ -130,7 +144,7 @@ class Worker:
             while not self.stopping:
                 self._handle(self.sock.recv_all())
                 if self.engine.has_work:
-                    self._send(self._step())
+                    self._send(self._step() + self._shed())
                 else:
                     poller.poll(self._idle_poll_ms())
                 self._send(self._after_step())
@@ -183,7 +197,13 @@ class Worker:
         self.stopping = True
 
     def _handle(self, messages: list) -> None:
+        now = time.monotonic()
+        if now - self._last_drain > 2 * self.heartbeat_s:  # this loop was away (a long step, SIGSTOP): what
+            self.heard = dict.fromkeys(self.heard, now)  # routers sent meanwhile may still be on its way in
+        self._last_drain = now
         for peer, msg in messages:
+            if isinstance(msg, Hello) or peer in self.heard:
+                self.heard[peer] = now
             if isinstance(msg, GenerateReq):
                 self._add(peer, msg)
             elif isinstance(msg, AbortReq):
@@ -213,6 +233,21 @@ class Worker:
         except RequestError as e:
             self._send([_refusal(msg, str(e), e.code, e.param)])
 
+    def _shed(self) -> list[ReqOutput]:
+        """Refuse the newest waiting requests beyond max_queued_requests (see the module docstring)."""
+        waiting = self.engine.scheduler.waiting
+        excess = len(waiting) - self.max_queued_requests
+        if not self.max_queued_requests or excess <= 0:
+            return []
+        # only a router's requests (a prefill worker's jobs come from decode workers, which time them out)
+        shed = [r for r in reversed(waiting) if not r.output_ids and r.rid in self.owner][:excess]
+        for req in shed:
+            self.engine.abort(req.rid)
+        why = (f"the worker is out of KV cache space and {self.max_queued_requests} requests already wait for "
+               "it; retry later")
+        return [ReqOutput(rid=r.rid, finished=True, finish_reason="error", error=why, error_code="overloaded",
+                          prompt_tokens=r.num_prompt_tokens) for r in shed]
+
     def _request_options(self, msg: GenerateReq) -> dict:
         return {}
 
@@ -240,6 +275,22 @@ class Worker:
                 self.sock.broadcast(self._cache_events(snapshot=False))
             if self.registrar:
                 self.registrar.tick(now)
+            self._forget_silent_routers()
+
+    def _forget_silent_routers(self) -> None:
+        """Abort what routers silent for router_timeout sent (their outputs can reach no one) and forget them.
+        Silence counts up to the last read of the socket, not to now, and not across a stretch in which the
+        loop read nothing (after a long step or a stop, the greetings sent meanwhile are still unread)."""
+        for peer in [p for p, t in self.heard.items() if self._last_drain - t > self.router_timeout]:
+            orphans = [rid for rid, owner in self.owner.items() if owner == peer]
+            for rid in orphans:
+                self._abort(rid)
+                self.owner.pop(rid, None)
+            self.orphans_aborted += len(orphans)
+            silent = self._last_drain - self.heard.pop(peer)
+            self.sock.peers.discard(peer)
+            self.snapshot_sent.discard(peer)
+            log.warning("a router silent for %.0f s is gone: aborted its %d requests", silent, len(orphans))
 
     def _shutdown(self) -> None:
         outs = [ReqOutput(rid=rid, finished=True, finish_reason="error", error="worker shut down",
@@ -254,23 +305,31 @@ class Worker:
 
 
 class _Registrar:
-    """Announces the worker to a router's registration socket until that router says Hello."""
+    """Announces the worker to a router's registration socket: every second until that router says Hello,
+    then every REANNOUNCE_S seconds, so that a router restarted at the same address (which knows no
+    workers) finds it again. A registration of a known worker changes nothing on the router."""
+
+    REANNOUNCE_S = 5.0
 
     def __init__(self, router_url: str, url: str, role: str) -> None:
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 4)  # while no router listens, keep a few, not an hour's worth
         self.sock.connect(router_url)
         self.message = encode(Register(url=url, role=role))
         self.done = False
         self.next = 0.0
 
     def heard(self) -> None:
+        if not self.done:
+            self.next = time.monotonic() + self.REANNOUNCE_S
         self.done = True
 
     def tick(self, now: float) -> None:
-        if not self.done and now >= self.next:
-            self.next = now + 1.0
-            self.sock.send(self.message, zmq.NOBLOCK)
+        if now >= self.next:
+            self.next = now + (self.REANNOUNCE_S if self.done else 1.0)
+            with contextlib.suppress(zmq.Again):  # the queue to an absent router is full
+                self.sock.send(self.message, zmq.NOBLOCK)
 
     def close(self) -> None:
         self.sock.close(0)

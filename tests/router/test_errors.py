@@ -142,16 +142,18 @@ def test_unknown_route_and_method(api) -> None:
     check_error(httpx.get(api.router.base + CHAT), 405)
 
 
-def test_worker_failure_is_500_or_503(api) -> None:
+def test_worker_failure_is_500_or_429(api) -> None:
     for w in api.workers:
         w.fail = Failure(0, "engine exploded", "internal_error")
     err = check_error(chat(api), 500, code="internal_error")
     assert "engine exploded" in err["message"]
     check_error(chat(api, stream=True), 500)  # fails before the first token: a status, not a stream
     for w in api.workers:
-        w.fail = Failure(0, "queue full", "overloaded")
-    check_error(chat(api), 503, code="overloaded")
-    with pytest.raises(openai.InternalServerError):
+        w.fail = Failure(0, "queue full", "overloaded")  # a worker's queue for KV cache space is full
+    r = chat(api)
+    check_error(r, 429, code="overloaded")
+    assert r.headers["retry-after"].isdigit()
+    with pytest.raises(openai.RateLimitError):
         api.router.client().chat.completions.create(model=api.model, messages=MESSAGES)
 
 
