@@ -23,6 +23,9 @@ _HELP = {
     "max_total_tokens": "KV cache size in tokens (default: from --cpu-kv-cache-gb or --mem-fraction-static)",
     "chunked_prefill_size": "token budget of one prefill step (long prompts are chunked)",
     "context_length": "longest prompt + output (default: the model's max_position_embeddings)",
+    "bf16_tail_tokens": "Mix-Quant: the last N prompt tokens of each request are computed in the decode precision "
+                        "(BF16), on the decode worker when disaggregated, the rest in the prefill precision; "
+                        "with session affinity only a turn's new tokens can be in the tail",
 }
 
 

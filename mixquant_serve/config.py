@@ -155,6 +155,9 @@ class EngineConfig:
     chunked_prefill_size: int = 2048
     context_length: int | None = None
     attention_backend: str = "auto"
+    # Mix-Quant: the last N prompt tokens of each request run in the decode precision (on the decode worker
+    # when disaggregated); 1 is the last token only, the paper's split
+    bf16_tail_tokens: int = 1
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -170,6 +173,8 @@ class EngineConfig:
             raise ConfigError("--chunked-prefill-size must be at least one page")
         if self.max_running_requests < 1:
             raise ConfigError("--max-running-requests must be at least 1")
+        if self.bf16_tail_tokens < 1:
+            raise ConfigError(f"--bf16-tail-tokens must be at least 1, got {self.bf16_tail_tokens}")
 
     @property
     def precisions(self) -> tuple[str, ...]:
