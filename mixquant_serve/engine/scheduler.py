@@ -117,7 +117,9 @@ class Scheduler:
     # -- batch selection --------------------------------------------------------------------------
     def next_batch(self) -> Batch | None:
         decode_first = self.last_phase in (Phase.PREFILL, Phase.TAIL) and any(r.decoding for r in self.running)
-        prompt = (self._tail_batch, self._prefill_batch)
+        # tails first; admission happens while making a prefill batch, and a request admitted with all but
+        # its tail cached has no prefill to do, so look for tails again after it
+        prompt = (self._tail_batch, self._prefill_batch, self._tail_batch)
         makers = (self._decode_batch, *prompt) if decode_first else (*prompt, self._decode_batch)
         for make in makers:
             batch = make()
