@@ -449,6 +449,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-reference", type=int, default=48, help="reference tokens scored per turn")
     p.add_argument("--greedy-tokens", type=int, default=24)
     p.add_argument("--conversations", type=int, default=0, help="use the first N conversations (0: all)")
+    p.add_argument("--every", type=int, default=1, help="score every N-th assistant turn only (a smaller sample "
+                   "with the same spread of context lengths, for a slow machine)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default; 1 avoids "
                    "OpenMP spin-waiting on a machine shared with other work)")
@@ -480,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
             weights = "quantized at load time (dynamic per-batch activation scales)"
         tokenizer = Tokenizer.from_path(model_path)
         convs = read_jsonl(CONVERSATIONS)[: args.conversations or None]
-        cases = build_cases(tokenizer, convs, args.max_context, args.max_reference)
+        cases = build_cases(tokenizer, convs, args.max_context, args.max_reference)[:: args.every]
         _say(f"{model}: {len(cases)} assistant turns of {len(convs)} conversations, "
              f"{sum(len(c.context) for c in cases)} context tokens, {sum(len(c.reference) for c in cases)} "
              f"reference tokens")
@@ -516,7 +518,8 @@ def _report_sweep(args: argparse.Namespace, model: str, weights: str, cases: lis
             for cfg in tail_configs(args.tails or [], args.fp8_tails)]
     settings = (f"Model: {model}; dtype {args.dtype}; NVFP4 weights: {weights}.  \n"
                 f"Machine: {cpu_name()}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}.  \n"
-                f"Data: {len(cases)} assistant turns of the shipped agent conversations with contexts up to "
+                f"Data: {len(cases)} assistant turns (every {args.every}. one) of the shipped agent conversations "
+                f"with contexts up to "
                 f"{args.max_context} tokens ({sum(len(c.context) for c in cases)} context tokens, "
                 f"{sum(c.turn for c in cases)} of them new in their turn), {args.max_reference} reference tokens "
                 "per turn scored (teacher-forced decode steps).")
