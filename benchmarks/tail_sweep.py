@@ -71,8 +71,8 @@ def plot(sweeps: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, share, title in ((axes[0], "bf16_share", "share of all prompt tokens (no reuse)"),
-                             (axes[1], "reuse_share", "share of each turn's new tokens (session reuse)")):
+    for ax, share, title in ((axes[0], "bf16_share", "of all prompt tokens (no prefix reuse)"),
+                             (axes[1], "reuse_share", "of each turn's new tokens (session reuse)")):
         for sweep in sweeps:
             for prefill, marker in (("nvfp4", "o"), ("fp8", "s")):
                 rows = [r for r in sweep["rows"] if r["prefill"] == prefill and r["decode"] == "bf16"]
@@ -81,14 +81,16 @@ def plot(sweeps: list[dict], path: Path) -> None:
                 label = f"{prefill.upper()} prefill ({sweep['key']})"
                 line, = ax.plot([r[share] * 100 for r in rows], [r["kl"] for r in rows], marker=marker, label=label)
                 for r in rows:
-                    ax.annotate(r["tail"].replace("turn", "turn"), (r[share] * 100, r["kl"]), fontsize=7,
+                    ax.annotate(r["tail"], (r[share] * 100, r["kl"]), fontsize=7,
                                 xytext=(3, 3), textcoords="offset points", color=line.get_color())
             if (e2e := _e2e_kl(sweep["rows"])) is not None:
                 ax.axhline(TARGET_RATIO * e2e, ls=":", lw=0.8, color="grey")
         ax.axvline(TARGET_SHARE * 100, ls="--", lw=0.8, color="grey")
-        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xscale("log")
+        ax.set_xlim(0.05, 150)
         ax.set_yscale("log")
-        ax.set_xlabel(f"prompt tokens computed in BF16, % ({title})")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("prompt tokens computed in BF16, %")
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("decode-step KL(BF16 || config), nats")
     axes[1].legend(fontsize=7)

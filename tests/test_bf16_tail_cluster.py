@@ -31,7 +31,7 @@ def test_a_tail_below_one_is_refused():
 
 def test_disaggregated_cluster_with_a_tail(smollm_path):
     args = ["--prefill-precision", "nvfp4", "--bf16-tail-tokens", "16", "--context-length", "1024",
-            "--max-total-tokens", "8192"]
+            "--max-total-tokens", "8192", "--local-prefill-max-tokens", "0"]  # every prompt via the prefill worker
     with launched(*args) as url:
         workers = get_json(f"{url}/workers")
         assert sorted(w["role"] for w in workers) == ["decode", "prefill"]
@@ -39,9 +39,8 @@ def test_disaggregated_cluster_with_a_tail(smollm_path):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
         question = "Here is a list: " + ", ".join(f"item {i}" for i in range(30)) + ". What is the capital of France?"
         r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
-                                           temperature=0, max_tokens=8)
+                                           temperature=0, max_tokens=8, extra_body={"ignore_eos": True})
         assert r.choices[0].finish_reason == "length" and r.usage.prompt_tokens > 16
-        stats = {w["role"]: w["stats"] for w in get_json(f"{url}/workers")}
         wait_idle_no_leaks(url)
         stats = {w["role"]: w["stats"] for w in get_json(f"{url}/workers")}
         decode = stats["decode"]["counters"]
