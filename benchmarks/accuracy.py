@@ -512,7 +512,8 @@ def _report_sweep(args: argparse.Namespace, model: str, weights: str, cases: lis
     turns the saved sweeps into the RESULTS.md section and the plot."""
     import tail_sweep
 
-    key = "-".join(([args.nvfp4_weights] if args.tails else []) + (["fp8"] if args.fp8_tails else []))
+    key = "-".join(([args.nvfp4_weights] if args.tails else []) + (["fp8"] if args.fp8_tails else [])
+                   + ([f"every{args.every}"] if args.every > 1 else []) + [f"ref{args.max_reference}"])
     rows = [{"name": cfg.name, "prefill": cfg.prefill, "decode": cfg.decode, "tail": str(cfg.tail),
              **results[cfg.name].row(args.greedy_tokens)}
             for cfg in tail_configs(args.tails or [], args.fp8_tails)]

@@ -156,8 +156,8 @@ class EngineConfig:
     context_length: int | None = None
     attention_backend: str = "auto"
     # Mix-Quant: the last N prompt tokens of each request run in the decode precision (on the decode worker
-    # when disaggregated); 1 is the last token only, the paper's split
-    bf16_tail_tokens: int = 1
+    # when disaggregated); 1 is the last token only, the paper's split; 64 from the sweep in RESULTS.md
+    bf16_tail_tokens: int = 64
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:

@@ -16,12 +16,12 @@ MODEL = "SmolLM2-135M-Instruct"
 
 @pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
 def test_the_launcher_gives_every_worker_the_tail(mode):
-    spec = ClusterSpec(EngineConfig(model_path="/m", bf16_tail_tokens=64), mode=mode, prefill_workers=2)
+    spec = ClusterSpec(EngineConfig(model_path="/m", bf16_tail_tokens=32), mode=mode, prefill_workers=2)
     workers = [c for c in Cluster(spec).plan() if c.name != "router"]
     assert len(workers) == (1 if mode == "colocated" else 3)
     for child in workers:
         i = child.argv.index("--bf16-tail-tokens")
-        assert child.argv[i + 1] == "64"
+        assert child.argv[i + 1] == "32"
 
 
 def test_a_tail_below_one_is_refused():
