@@ -171,10 +171,10 @@ class Scheduler:
                 break
             if req not in self.running:  # preempted to make room for an older request
                 continue
-            if n := self._grow(req, min(budget, req.num_tokens - req.num_computed)):
+            if (n := self._grow(req, min(budget, req.num_tokens - req.num_computed))) > 0:
                 picked[req] = n
                 budget -= n
-        picked = {r: n for r, n in picked.items() if r in self.running and n > 0}
+        picked = {r: n for r, n in picked.items() if r in self.running}
         if not picked:
             return None
         sample = [r.num_computed + n == r.num_tokens for r, n in picked.items()]
