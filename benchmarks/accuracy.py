@@ -59,6 +59,12 @@ class RunConfig:
     name: str
     prefill: str
     decode: str
+    # Mix-Quant's BF16 tail: prompt tokens at the end run in the decode precision; "turn": all the tokens
+    # new since the previous assistant message; None: the engine's default (--bf16-tail-tokens)
+    tail: int | str | None = None
+
+    def tail_tokens(self, case: Case) -> int | None:
+        return case.turn if self.tail == "turn" else self.tail
 
 
 CONFIGS = (
@@ -69,11 +75,32 @@ CONFIGS = (
 )
 
 
+def tail_name(tail: int | str) -> str:
+    return "the whole last turn" if tail == "turn" else f"{tail} token{'s' if tail != 1 else ''}"
+
+
+def tail_configs(tails: list[int | str], fp8_tails: list[int | str]) -> tuple[RunConfig, ...]:
+    """The BF16-tail sweep: BF16 (the baseline), NVFP4 e2e when NVFP4 tails are swept, then each tail."""
+    configs = [CONFIGS[0], *([CONFIGS[1]] if tails else [])]
+    configs += [RunConfig(f"Mix-Quant, BF16 tail {tail_name(t)}", "nvfp4", "bf16", t) for t in tails]
+    configs += [RunConfig(f"FP8 prefill, BF16 tail {tail_name(t)}", "fp8", "bf16", t) for t in fp8_tails]
+    return tuple(configs)
+
+
+def parse_tails(text: str) -> list[int | str]:
+    tails = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in tails if t != "turn" and not (t.isdigit() and int(t) >= 1)]
+    if bad:
+        raise argparse.ArgumentTypeError(f"a tail is a token count >= 1 or 'turn', got {bad[0]!r}")
+    return [t if t == "turn" else int(t) for t in tails]
+
+
 @dataclass
 class Case:
     name: str
     context: list[int]
     reference: list[int]
+    turn: int = 0  # context tokens after the previous assistant message (all of them on the first turn)
 
 
 @dataclass
@@ -83,6 +110,8 @@ class Scores:
     nll: list[float] = field(default_factory=list)
     match: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    bf16_share: float = 0.0  # prompt tokens computed in BF16 / all prompt tokens (measured, no prefix reuse)
+    reuse_share: float = 0.0  # the same share of each turn's new tokens (what a session with reuse computes)
 
     def row(self, greedy_tokens: int) -> dict[str, float]:
         n = max(1, len(self.kl))
@@ -90,7 +119,7 @@ class Scores:
                 "ppl": math.exp(sum(self.nll) / max(1, len(self.nll))),
                 "match": sum(self.match) / max(1, len(self.match)),
                 "full": sum(m >= greedy_tokens for m in self.match) / max(1, len(self.match)),
-                "seconds": self.seconds}
+                "seconds": self.seconds, "bf16_share": self.bf16_share, "reuse_share": self.reuse_share}
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -135,6 +164,7 @@ def build_cases(tokenizer: Tokenizer, conversations: list[dict], max_context: in
         native = tokenizer.template_supports_tools
         messages = _native_messages(conv) if native else _flat_messages(conv)
         tools = conv["tools"] if native else None
+        before = 0  # tokens up to the end of the previous assistant message
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
@@ -145,7 +175,8 @@ def build_cases(tokenizer: Tokenizer, conversations: list[dict], max_context: in
             ids = tokenizer.encode(context, add_special_tokens=False)
             ref = tokenizer.encode(full[len(context):].rstrip("\n"), add_special_tokens=False)
             if len(ids) <= max_context:
-                cases.append(Case(f"{conv['id']}#{i}", ids, ref[:max_reference]))
+                cases.append(Case(f"{conv['id']}#{i}", ids, ref[:max_reference], len(ids) - before))
+            before = len(tokenizer.encode(full, add_special_tokens=False))
     return cases
 
 
@@ -184,7 +215,25 @@ class ForcedSampler:
 
 
 def _tokens_done(engine: Engine) -> int:
-    return engine.counters["computed_prefill_tokens"] + engine.counters["generated_tokens"]
+    return (engine.counters["computed_prefill_tokens"] + engine.scheduler.num_tail_tokens
+            + engine.counters["generated_tokens"])
+
+
+def _tail(cfg: RunConfig | None, case: Case) -> int | None:
+    return None if cfg is None else cfg.tail_tokens(case)
+
+
+def bf16_shares(cfg: RunConfig, engine: Engine, cases: list[Case], prefill_tokens: int) -> tuple[float, float]:
+    """Prompt tokens computed in BF16: as a share of all context tokens (measured: what prefill did not
+    compute), and of each turn's new tokens, which is what a session with prefix reuse computes (derived
+    from the tail each turn gets)."""
+    if cfg.prefill == "bf16" or cfg.decode != "bf16":
+        share = float(cfg.prefill == "bf16")
+        return share, share
+    total = sum(len(c.context) for c in cases)
+    default = engine.config.bf16_tail_tokens
+    tails = [min(c.turn, cfg.tail_tokens(c) or default) for c in cases]
+    return 1 - prefill_tokens / total, sum(tails) / max(1, sum(c.turn for c in cases))
 
 
 def _drive(engine: Engine, bar: tqdm, outputs: dict[str, list[int]] | None = None) -> None:
@@ -209,7 +258,8 @@ def _groups(cases: list[Case], size: int) -> list[list[int]]:
     return [order[i : i + size] for i in range(0, len(order), size)]
 
 
-def teacher_forced(engine: Engine, cases: list[Case], sink, desc: str, group: int) -> None:
+def teacher_forced(engine: Engine, cases: list[Case], sink, desc: str, group: int,
+                   cfg: RunConfig | None = None) -> None:
     refs = {str(i): c.reference for i, c in enumerate(cases)}
     inner, engine.sampler = engine.sampler, ForcedSampler(refs, sink)
     bar = _bar(sum(len(c.context) + len(c.reference) for c in cases), desc)
@@ -217,19 +267,21 @@ def teacher_forced(engine: Engine, cases: list[Case], sink, desc: str, group: in
         for idx in _groups(cases, group):
             for i in idx:
                 params = SamplingParams(max_tokens=len(cases[i].reference), temperature=0, ignore_eos=True)
-                engine.add_request(str(i), cases[i].context, params)
+                engine.add_request(str(i), cases[i].context, params, bf16_tail_tokens=_tail(cfg, cases[i]))
             _drive(engine, bar)
     finally:
         engine.sampler = inner
         bar.close()
 
 
-def greedy(engine: Engine, cases: list[Case], tokens: int, desc: str, group: int) -> list[list[int]]:
+def greedy(engine: Engine, cases: list[Case], tokens: int, desc: str, group: int,
+           cfg: RunConfig | None = None) -> list[list[int]]:
     outputs: dict[str, list[int]] = {f"g{i}": [] for i in range(len(cases))}
     bar = _bar(sum(len(c.context) + tokens for c in cases), desc)
     for idx in _groups(cases, group):
         for i in idx:
-            engine.add_request(f"g{i}", cases[i].context, SamplingParams(max_tokens=tokens, temperature=0))
+            engine.add_request(f"g{i}", cases[i].context, SamplingParams(max_tokens=tokens, temperature=0),
+                               bf16_tail_tokens=_tail(cfg, cases[i]))
         _drive(engine, bar, outputs)
     bar.close()
     return list(outputs.values())
@@ -256,12 +308,16 @@ def evaluate(engine: Engine, cfg: RunConfig, cases: list[Case], baseline: dict |
         scores.kl.append(torch.sum(ref.exp() * (ref - row)).clamp_min(0).item())
         scores.top1.append(bool(ref.argmax() == row.argmax()))
 
-    teacher_forced(engine, cases, sink, f"{cfg.name}: teacher-forced", group)
-    outs = greedy(engine, cases, greedy_tokens, f"{cfg.name}: greedy", group)
-    ref_outs = outs if baseline is None else baseline["greedy"]
-    scores.match = [_common_prefix(o, r) if o != r else greedy_tokens
-                    for o, r in zip(outs, ref_outs, strict=True)]
-    keep["greedy"] = outs
+    prefilled = engine.counters["computed_prefill_tokens"]
+    teacher_forced(engine, cases, sink, f"{cfg.name}: teacher-forced", group, cfg)
+    scores.bf16_share, scores.reuse_share = bf16_shares(
+        cfg, engine, cases, engine.counters["computed_prefill_tokens"] - prefilled)
+    if greedy_tokens:
+        outs = greedy(engine, cases, greedy_tokens, f"{cfg.name}: greedy", group, cfg)
+        ref_outs = outs if baseline is None else baseline["greedy"]
+        scores.match = [_common_prefix(o, r) if o != r else greedy_tokens
+                        for o, r in zip(outs, ref_outs, strict=True)]
+        keep["greedy"] = outs
     scores.seconds = time.monotonic() - start
     return scores, keep
 
@@ -393,9 +449,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-reference", type=int, default=48, help="reference tokens scored per turn")
     p.add_argument("--greedy-tokens", type=int, default=24)
     p.add_argument("--conversations", type=int, default=0, help="use the first N conversations (0: all)")
+    p.add_argument("--every", type=int, default=1, help="score every N-th assistant turn only (a smaller sample "
+                   "with the same spread of context lengths, for a slow machine)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default; 1 avoids "
                    "OpenMP spin-waiting on a machine shared with other work)")
+    p.add_argument("--tails", type=parse_tails, default=None, help="sweep Mix-Quant's BF16 tail instead: "
+                   "comma-separated token counts and/or 'turn' (the whole last turn), e.g. 1,16,64,256,turn")
+    p.add_argument("--fp8-tails", type=parse_tails, default=[], help="the same sweep for FP8 prefill")
     p.add_argument("--no-write", action="store_true", help="print the table only")
     return p.parse_args(argv)
 
@@ -421,11 +482,15 @@ def main(argv: list[str] | None = None) -> int:
             weights = "quantized at load time (dynamic per-batch activation scales)"
         tokenizer = Tokenizer.from_path(model_path)
         convs = read_jsonl(CONVERSATIONS)[: args.conversations or None]
-        cases = build_cases(tokenizer, convs, args.max_context, args.max_reference)
+        cases = build_cases(tokenizer, convs, args.max_context, args.max_reference)[:: args.every]
         _say(f"{model}: {len(cases)} assistant turns of {len(convs)} conversations, "
              f"{sum(len(c.context) for c in cases)} context tokens, {sum(len(c.reference) for c in cases)} "
              f"reference tokens")
-        results = run(model_path, quantized, cases, args.dtype, args.greedy_tokens)
+        sweep = args.tails is not None or bool(args.fp8_tails)
+        configs = tail_configs(args.tails or [], args.fp8_tails) if sweep else CONFIGS
+        results = run(model_path, quantized, cases, args.dtype, args.greedy_tokens, configs=configs)
+    if sweep:
+        return _report_sweep(args, model, weights, cases, results)
     body = table(results, args.greedy_tokens)
     settings = (f"Model: {model}; dtype {args.dtype}; NVFP4 weights: {weights}.  \n"
                 f"Machine: {cpu_name()}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}.  \n"
@@ -438,6 +503,31 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         write_results(model, section(model, settings, body))
         _say(f"wrote {RESULTS}")
+    return 0
+
+
+def _report_sweep(args: argparse.Namespace, model: str, weights: str, cases: list[Case],
+                  results: dict[str, Scores]) -> int:
+    """The BF16-tail sweep: prints its table and saves its rows as JSON; `python benchmarks/tail_sweep.py`
+    turns the saved sweeps into the RESULTS.md section and the plot."""
+    import tail_sweep
+
+    key = "-".join(([args.nvfp4_weights] if args.tails else []) + (["fp8"] if args.fp8_tails else [])
+                   + ([f"every{args.every}"] if args.every > 1 else []) + [f"ref{args.max_reference}"])
+    rows = [{"name": cfg.name, "prefill": cfg.prefill, "decode": cfg.decode, "tail": str(cfg.tail),
+             **results[cfg.name].row(args.greedy_tokens)}
+            for cfg in tail_configs(args.tails or [], args.fp8_tails)]
+    settings = (f"Model: {model}; dtype {args.dtype}; NVFP4 weights: {weights}.  \n"
+                f"Machine: {cpu_name()}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}.  \n"
+                f"Data: {len(cases)} assistant turns (every {args.every}. one) of the shipped agent conversations "
+                f"with contexts up to "
+                f"{args.max_context} tokens ({sum(len(c.context) for c in cases)} context tokens, "
+                f"{sum(c.turn for c in cases)} of them new in their turn), {args.max_reference} reference tokens "
+                "per turn scored (teacher-forced decode steps).")
+    body = tail_sweep.table(rows)
+    print(f"\n{settings}\n\n{body}\n")
+    if not args.no_write:
+        _say(f"wrote {tail_sweep.save(model, key, settings, rows)}")
     return 0
 
 

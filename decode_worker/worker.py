@@ -6,11 +6,14 @@ Lifecycle of a request here, queue by queue:
                   and allocated pages for the rest. If the missing tokens are fewer than the request's
                   `local_prefill_max_tokens` (or no prefill worker is named), it prefills them itself in
                   its own precision, like a colocated worker; otherwise:
-  3. awaiting_kv  it sends PrefillReq (missing tokens, its page indices, its transfer endpoint) to the
-                  prefill worker and waits; the KV arrives layer by layer into those pages.
-  4. decoding     when the transfer succeeds it runs the last prompt token itself (so the first sampled
-                  token, like every later one, comes from its own logits) and joins the decode batch.
-  5. finished     its pages go to the radix cache, so the next turn of the conversation needs only the
+  3. awaiting_kv  it sends PrefillReq (the missing tokens but the BF16 tail, its page indices, its transfer
+                  endpoint) to the prefill worker and waits; the KV arrives layer by layer into those pages.
+  4. tail         when the transfer succeeds it computes the last --bf16-tail-tokens prompt tokens itself
+                  (tail batches; with K=1 the last prompt token is simply the first decode step), so the
+                  tokens nearest the answer and the first sampled token come from its own precision; a
+                  turn whose new tokens fit in the tail never leaves the decode worker;
+  5. decoding     it joins the decode batch.
+  6. finished     its pages go to the radix cache, so the next turn of the conversation needs only the
                   new tokens (a delta transfer).
 A transfer that fails or times out fails the request with an error and frees its pages; the prefill
 worker learns it through KVAck(ok=False). An aborted request cancels its transfer (AbortPrefill).

@@ -30,6 +30,9 @@ _HELP = {
     "overlap_schedule": "launch each decode step before the host reads the previous step's tokens "
                         "(default: on for CUDA, off on CPU)",
     "context_length": "longest prompt + output (default: the model's max_position_embeddings)",
+    "bf16_tail_tokens": "Mix-Quant: the last N prompt tokens of each request are computed in the decode precision "
+                        "(BF16), on the decode worker when disaggregated, the rest in the prefill precision; "
+                        "with session affinity only a turn's new tokens can be in the tail",
 }
 
 

@@ -160,6 +160,9 @@ class EngineConfig:
     cuda_graph_max_bs: int | None = None
     # launch each decode step before reading the previous one's tokens (None: on for CUDA, off on CPU)
     overlap_schedule: bool | None = None
+    # Mix-Quant: the last N prompt tokens of each request run in the decode precision (on the decode worker
+    # when disaggregated); 1 is the last token only, the paper's split; 64 from the sweep in RESULTS.md
+    bf16_tail_tokens: int = 64
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -177,6 +180,8 @@ class EngineConfig:
             raise ConfigError("--max-running-requests must be at least 1")
         if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 1:
             raise ConfigError("--cuda-graph-max-bs must be at least 1")
+        if self.bf16_tail_tokens < 1:
+            raise ConfigError(f"--bf16-tail-tokens must be at least 1, got {self.bf16_tail_tokens}")
 
     @property
     def precisions(self) -> tuple[str, ...]:

@@ -6,6 +6,7 @@ ZMQ and reads the outputs, so that what is checked here is exactly the two worke
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -30,7 +31,8 @@ def start_pair(path: str, name: str, chunk: int = 256, timeout: float = 8.0, pre
                ) -> tuple[WorkerProc, WorkerProc]:
     p = WorkerProc("prefill_worker", *model_args(path, chunk), "--prefill-precision", prefill_precision,
                    "--decode-precision", prefill_precision, "--transfer-timeout", str(timeout), name=f"{name}-p")
-    d = WorkerProc("decode_worker", *model_args(path), "--transfer-timeout", str(timeout), name=f"{name}-d")
+    d = WorkerProc("decode_worker", *model_args(path), "--transfer-timeout", str(timeout), "--bf16-tail-tokens", "1",
+                   name=f"{name}-d")  # the last prompt token only: the byte counts below assume it
     return p.wait_ready(), d.wait_ready()
 
 
@@ -88,37 +90,60 @@ def test_disaggregated_greedy_equals_colocated(pair, colocated, tok):
 
 
 def test_nvfp4_prefill_disaggregated_equals_colocated_mixquant(smollm_path, tok):
-    """Mix-Quant split over two processes (NVFP4 prompt KV from the prefill worker; the last prompt token and
-    every decode step in BF16 on the decode worker) gives the colocated Mix-Quant engine's tokens and
-    log-probabilities, which differ from BF16 end to end. One request per batch on both sides: quantize-at-load
+    """Mix-Quant split over two processes (NVFP4 prompt KV from the prefill worker; the BF16 tail, the last K
+    prompt tokens, and every decode step in BF16 on the decode worker) gives the colocated Mix-Quant engine's
+    tokens and log-probabilities bit for bit, for every K tested (K=1: the last prompt token only, the split
+    before the tail existed; K=64 is longer than two of the prompts, which then never leave the decode
+    worker); and they differ from BF16 end to end. One request per batch on both sides: quantize-at-load
     NVFP4 scales activations by each batch's amax."""
-    p, d = start_pair(smollm_path, "mq", prefill_precision="nvfp4")
+    p = WorkerProc("prefill_worker", *model_args(smollm_path), "--prefill-precision", "nvfp4",
+                   "--decode-precision", "nvfp4", name="mq-p").wait_ready()
+    kw = dict(dtype="float32", decode_precision="bf16", context_length=2048, max_total_tokens=8192,
+              chunked_prefill_size=256)
+    mixquant = Engine(smollm_path, prefill_precision="nvfp4", **kw)
+    bf16 = Engine(smollm_path, prefill_precision="bf16", **kw)
+    log = "".join(f"WARN retry {i} on /dev/sd{i % 4}\n" for i in range(40))
+    questions = ["What is the capital of France?", "Summarise this log:\n" + log, "Write a haiku about the sea."]
+
+    def prompts(k: int) -> list[list[int]]:  # a system prompt of their own: no page is shared through a cache
+        return [tok.encode_chat([{"role": "system", "content": f"Run {k}.{i}: you are a careful assistant."},
+                                 {"role": "user", "content": q}]) for i, q in enumerate(questions)]
+
+    assert min(map(len, prompts(1))) < 64 < max(map(len, prompts(1)))
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
+    plain = bf16.generate(prompts(1), params)
+    del bf16
+    gaps = []
     try:
-        assert (p.info.prefill_precision, d.info.decode_precision) == ("nvfp4", "bf16")
-        kw = dict(dtype="float32", decode_precision="bf16", context_length=2048, max_total_tokens=8192,
-                  chunked_prefill_size=256)
-        mixquant = Engine(smollm_path, prefill_precision="nvfp4", **kw)
-        bf16 = Engine(smollm_path, prefill_precision="bf16", **kw)
-        log = "".join(f"WARN retry {i} on /dev/sd{i % 4}\n" for i in range(40))
-        prompts = [chat(tok, "What is the capital of France?"), chat(tok, "Summarise this log:\n" + log),
-                   chat(tok, "Write a haiku about the sea.")]
-        params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=0)
-        gaps = []
-        for i, ids in enumerate(prompts):
-            d.submit(f"mq{i}", ids, params, prefill_url=p.url)
-            tokens, final = d.result(f"mq{i}")
-            assert final.error is None and final.finish_reason == "length"
-            ours = [lp.logprob for o in d.outputs[f"mq{i}"] for lp in (o.logprobs or [])]
-            ref = mixquant.generate([ids], params)[0]
-            assert tokens == ref.token_ids
-            assert ours == pytest.approx([lp.logprob for lp in ref.logprobs], abs=1e-4)
-            plain = bf16.generate([ids], params)[0]
-            if plain.token_ids[:1] == tokens[:1]:
-                gaps.append(abs(ours[0] - plain.logprobs[0].logprob))
+        for k in (1, 16, 64):
+            d = WorkerProc("decode_worker", *model_args(smollm_path), "--bf16-tail-tokens", str(k),
+                           name=f"mq-d{k}").wait_ready()
+            try:
+                assert (p.info.prefill_precision, d.info.decode_precision, d.info.bf16_tail_tokens) == (
+                    "nvfp4", "bf16", k)
+                mixquant.config = dataclasses.replace(mixquant.config, bf16_tail_tokens=k)
+                for i, ids in enumerate(prompts(k)):
+                    d.submit(f"mq{k}-{i}", ids, params, prefill_url=p.url)
+                    tokens, final = d.result(f"mq{k}-{i}")
+                    assert final.error is None and final.finish_reason == "length" and final.cached_tokens == 0
+                    ours = [lp.logprob for o in d.outputs[f"mq{k}-{i}"] for lp in (o.logprobs or [])]
+                    ref = mixquant.generate([ids], params)[0]
+                    assert tokens == ref.token_ids, (k, i)
+                    assert ours == [lp.logprob for lp in ref.logprobs], (k, i)  # bit for bit
+                    if k == 1 and plain[i].token_ids[:1] == tokens[:1]:
+                        gaps.append(abs(ours[0] - plain[i].logprobs[0].logprob))
+                stats = wait_clean(d)
+                remote = [len(ids) - k for ids in prompts(k) if len(ids) > k]
+                assert stats.counters["kv_transfers_ok"] == len(remote)
+                assert stats.counters["remote_prefill_tokens"] == sum(remote)  # the prefill worker stops K short
+                tail = sum(min(k, len(ids)) for ids in prompts(k)) if k > 1 else 0
+                assert stats.counters["bf16_tail_tokens_computed"] == tail
+            finally:
+                d.stop()
         assert max(gaps) > 1e-3, f"NVFP4 prompt KV gave BF16's first-token logprobs ({gaps}): precision not seen"
-        assert wait_clean(d).counters["kv_transfers_ok"] >= 3
+        wait_clean(p)
     finally:
-        p.stop(), d.stop()
+        p.stop()
 
 
 def test_second_turn_transfers_only_the_new_tokens(pair, colocated, tok):

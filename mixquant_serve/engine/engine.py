@@ -118,10 +118,12 @@ class Engine:
     # -- streaming interface ----------------------------------------------------------------------
     def add_request(self, rid: str, prompt_ids: Sequence[int], params: SamplingParams, *,
                     prefill_only: bool = False, remote_prefill: str | None = None,
-                    local_prefill_max_tokens: int | None = None, prefix_reuse: bool = True) -> None:
+                    local_prefill_max_tokens: int | None = None, prefix_reuse: bool = True,
+                    bf16_tail_tokens: int | None = None) -> None:
         """Queue a request. prefill_only: compute the KV of all prompt_ids and stop (a prefill worker).
         remote_prefill: the prefill worker whose KV this request should wait for (a decode worker), unless
-        it lacks fewer than local_prefill_max_tokens tokens, which it then prefills itself."""
+        it lacks fewer than local_prefill_max_tokens tokens, which it then prefills itself.
+        bf16_tail_tokens: this request's BF16 tail (default: the engine's --bf16-tail-tokens)."""
         if rid in self.requests:
             raise RequestError(f"request id {rid!r} is already in use", param="rid")
         params.validate()
@@ -138,9 +140,12 @@ class Engine:
         detok = None if prefill_only else IncrementalDetokenizer(self.tokenizer, prompt_ids,
                                                                  params.skip_special_tokens, params.stop)
         sample_in_prefill = not (self.config.mixed_precision or prefill_only or remote_prefill)
+        tail = self.config.bf16_tail_tokens if bf16_tail_tokens is None else bf16_tail_tokens
+        if tail < 1:
+            raise RequestError(f"bf16_tail_tokens must be at least 1, got {tail}", param="bf16_tail_tokens")
         req = Request(rid, list(prompt_ids), params, max_new_tokens=0 if prefill_only else min(
                           params.max_tokens or ctx, ctx - n),
-                      stop_token_set=stop_ids, detok=detok, sample_in_prefill=sample_in_prefill,
+                      stop_token_set=stop_ids, detok=detok, sample_in_prefill=sample_in_prefill, bf16_tail=tail,
                       prefill_only=prefill_only, remote_url=remote_prefill,
                       local_prefill_max_tokens=local_prefill_max_tokens or 0, prefix_reuse=prefix_reuse)
         if not prefill_only:

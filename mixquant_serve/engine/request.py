@@ -6,6 +6,12 @@
 
 The KV of the newest token is computed by the step that feeds it, so a decoding request always has
 num_computed == num_tokens - 1 before its step.
+
+Mix-Quant (sample_in_prefill False): the prompt runs in three parts, each derived from the counters:
+    [0, prefill_target)                 prefill precision (on a prefill worker when disaggregated)
+    [prefill_target, num_tokens - 1)    the BF16 tail: the decode precision, as extend batches
+    the newest token                    a decode step (or the tail batch's last token), which samples
+so the last `bf16_tail` prompt tokens, and every sampled distribution, come from the decode precision.
 """
 
 from __future__ import annotations
@@ -38,9 +44,10 @@ class Request:
     max_new_tokens: int
     stop_token_set: frozenset[int]
     detok: IncrementalDetokenizer | None = None
-    # Mix-Quant: when prefill and decode precisions differ, the last token before each sample runs
-    # in the decode precision, so prefill stops one token short.
+    # Mix-Quant: when prefill and decode precisions differ, the last `bf16_tail` prompt tokens (at least
+    # the one before the first sample) run in the decode precision, so prefill stops that many tokens short.
     sample_in_prefill: bool = True
+    bf16_tail: int = 1
     arrival: float = field(default_factory=time.monotonic)
     seq: int = field(default_factory=_created.__next__)
     status: Status = Status.WAITING
@@ -85,12 +92,15 @@ class Request:
     def prefill_target(self) -> int:
         """How many tokens' KV prefill computes before the request decodes.
 
-        The whole prompt when prefill samples the first token; otherwise (Mix-Quant, or a recompute
-        after preemption, whose newest token was already sampled) all but the newest token, which the
-        decode step feeds. Once a token is sampled the target no longer moves with the output.
+        The whole prompt when prefill samples the first token; with Mix-Quant, all but the last
+        `bf16_tail` prompt tokens (the decode precision computes those); after a token is sampled (a
+        recompute after preemption) all but the newest token, which the decode step feeds. Once a
+        token is sampled the target no longer moves with the output.
         """
         if self.prefill_only or (self.sample_in_prefill and not self.output_ids):
             return self.num_tokens
+        if not self.output_ids:
+            return max(0, self.num_tokens - self.bf16_tail)
         return self.num_tokens - 1
 
     @property
@@ -101,6 +111,16 @@ class Request:
     @property
     def in_prefill(self) -> bool:
         return self.num_computed < self.prefill_target
+
+    @property
+    def in_tail(self) -> bool:
+        """Past the prefill target with more than the newest token left: the BF16 tail computes them."""
+        return self.prefill_target <= self.num_computed < self.num_tokens - 1
+
+    @property
+    def decoding(self) -> bool:
+        """Ready for a decode step: prefill and tail have computed all but the newest token's KV."""
+        return not self.in_prefill and not self.in_tail
 
     @property
     def finished(self) -> bool:

@@ -3,8 +3,10 @@
 Queues: `waiting` (FIFO, not yet holding pages) -> `running` (holding pages; prefilling while
 num_computed < prefill_target, then decoding) -> finished (pages released, full pages kept by the
 radix cache). Each step is one phase: a prefill batch (new and continuing chunks, up to the token
-budget) or a decode batch (one token for every decoding request). When both kinds of work exist the
-phases alternate, so long prompts do not stall running streams.
+budget), a tail batch (Mix-Quant's BF16 tail: the last prompt tokens of requests past their prefill
+target, in chunks under the same budget, run in the decode precision) or a decode batch (one token for
+every decoding request). When decode work and prompt work (tail or prefill) both exist the two
+alternate, so long prompts do not stall running streams; tails go before new prefill.
 
 Disaggregation: a request whose KV a prefill worker computes (decode side, `remote_url`) gets pages
 for its whole prompt at admission and then `awaiting_kv` until the transfer ends (kv_ready); a
@@ -29,7 +31,8 @@ from mixquant_serve.kvcache.radix_cache import RadixCache
 
 
 class Phase(Enum):
-    PREFILL = "prefill"
+    PREFILL = "prefill"  # the prefill precision
+    TAIL = "tail"  # the decode precision, several tokens per request (Mix-Quant's BF16 tail)
     DECODE = "decode"
 
 
@@ -55,6 +58,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.last_phase: Phase | None = None
         self.num_preemptions = 0
+        self.num_tail_tokens = 0  # prompt tokens computed by tail batches
         self.parked: dict[str, Request] = {}
         self._prefilled: list[Request] = []
         self._remote: list[Request] = []
@@ -112,9 +116,11 @@ class Scheduler:
 
     # -- batch selection --------------------------------------------------------------------------
     def next_batch(self) -> Batch | None:
-        decode_first = self.last_phase is Phase.PREFILL and any(not r.in_prefill for r in self.running)
-        makers = (self._decode_batch, self._prefill_batch) if decode_first else (self._prefill_batch,
-                                                                                   self._decode_batch)
+        decode_first = self.last_phase in (Phase.PREFILL, Phase.TAIL) and any(r.decoding for r in self.running)
+        # tails first; admission happens while making a prefill batch, and a request admitted with all but
+        # its tail cached has no prefill to do, so look for tails again after it
+        prompt = (self._tail_batch, self._prefill_batch, self._tail_batch)
+        makers = (self._decode_batch, *prompt) if decode_first else (*prompt, self._decode_batch)
         for make in makers:
             batch = make()
             if batch is not None:
@@ -156,9 +162,27 @@ class Scheduler:
                   for r, n in zip(reqs, lengths, strict=True)]
         return Batch(Phase.PREFILL, reqs, lengths, sample)
 
+    def _tail_batch(self) -> Batch | None:
+        """The BF16 tails, oldest first, in chunks under the token budget; a chunk that reaches the newest
+        token samples (the first token then comes from the decode precision's logits)."""
+        budget, picked = self.token_budget, {}
+        for req in sorted((r for r in self.running if r.in_tail and not r.awaiting_kv), key=lambda r: r.age):
+            if budget <= 0:
+                break
+            if req not in self.running:  # preempted to make room for an older request
+                continue
+            if (n := self._grow(req, min(budget, req.num_tokens - req.num_computed))) > 0:
+                picked[req] = n
+                budget -= n
+        picked = {r: n for r, n in picked.items() if r in self.running}
+        if not picked:
+            return None
+        sample = [r.num_computed + n == r.num_tokens for r, n in picked.items()]
+        return Batch(Phase.TAIL, list(picked), list(picked.values()), sample)
+
     def _decode_batch(self) -> Batch | None:
         reqs = []
-        for req in sorted((r for r in self.running if not r.in_prefill), key=lambda r: r.age):
+        for req in sorted((r for r in self.running if r.decoding), key=lambda r: r.age):
             if req in self.running and self._make_room(req, req.num_tokens):
                 reqs.append(req)
         reqs = [r for r in reqs if r in self.running]
@@ -242,6 +266,8 @@ class Scheduler:
 
     # -- bookkeeping after a forward --------------------------------------------------------------
     def commit(self, batch: Batch) -> None:
+        if batch.phase is Phase.TAIL:
+            self.num_tail_tokens += batch.num_tokens
         for req, n in zip(batch.reqs, batch.lengths, strict=True):
             req.num_computed += n
             if req.prefill_only and not req.in_prefill:

@@ -80,6 +80,7 @@ class WorkerInfo(msgspec.Struct, tag=True, kw_only=True):
     max_running_requests: int
     prefill_precision: str
     decode_precision: str
+    bf16_tail_tokens: int = 1  # Mix-Quant: prompt tokens at the end computed in the decode precision (1: older workers)
     kv_layout: dict[str, int | str]
     weight_bytes: dict[str, int]
     pid: int = 0

@@ -100,13 +100,14 @@ class Worker:
             model_name=cfg.served_model_name or "", model_path=cfg.model_path,
             context_length=cfg.context_length, page_size=cfg.page_size, total_pages=eng.pool.capacity,
             max_running_requests=cfg.max_running_requests, prefill_precision=cfg.prefill_precision,
-            decode_precision=cfg.decode_precision, kv_layout=dataclasses.asdict(eng.runner.layout),
-            weight_bytes=eng.runner.weight_bytes, pid=os.getpid())
+            decode_precision=cfg.decode_precision, bf16_tail_tokens=cfg.bf16_tail_tokens,
+            kv_layout=dataclasses.asdict(eng.runner.layout), weight_bytes=eng.runner.weight_bytes, pid=os.getpid())
 
     def stats(self) -> WorkerStats:
         counters = {k: float(v) for k, v in self.engine.counters.items()}
         counters["preemptions"] = float(self.engine.scheduler.num_preemptions)
         counters["orphans_aborted"] = float(self.orphans_aborted)
+        counters["bf16_tail_tokens_computed"] = float(self.engine.scheduler.num_tail_tokens)
         return WorkerStats(worker_id=self.worker_id, instance_id=self.instance_id, counters=counters,
                            gauges=self.gauges(), draining=self.stopping, **self.engine.stats())
 

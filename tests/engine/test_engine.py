@@ -206,6 +206,9 @@ def test_bad_requests_are_refused_without_changing_state(engine):
         with pytest.raises(RequestError):
             engine.add_request(rid, ids, params)
         assert engine_state(engine) == before, rid
+    with pytest.raises(RequestError, match="bf16_tail_tokens must be at least 1"):
+        engine.add_request("no_tail", [1, 2, 3], GREEDY, bf16_tail_tokens=0)
+    assert engine_state(engine) == before
     for params in (SamplingParams(temperature=3.0), SamplingParams(top_p=0.0), SamplingParams(logprobs=21),
                    SamplingParams(max_tokens=2, min_tokens=3)):
         with pytest.raises(InvalidSamplingParams):

@@ -34,10 +34,10 @@ def expected_output(req: Request) -> list[int]:
 
 
 def make_req(rid: str, prompt: list[int], max_new: int = 4, *, sample_in_prefill: bool = True,
-             stop: frozenset[int] = frozenset(), arrival: float | None = None) -> Request:
+             stop: frozenset[int] = frozenset(), arrival: float | None = None, tail: int = 1) -> Request:
     kw = {} if arrival is None else {"arrival": arrival}
     return Request(rid, list(prompt), SamplingParams(max_tokens=max_new), max_new_tokens=max_new,
-                   stop_token_set=stop, sample_in_prefill=sample_in_prefill, **kw)
+                   stop_token_set=stop, sample_in_prefill=sample_in_prefill, bf16_tail=tail, **kw)
 
 
 class Sim:
@@ -90,6 +90,13 @@ class Sim:
         if batch.phase is Phase.DECODE:
             assert batch.lengths == [1] * len(batch.reqs) and all(batch.sample)
             assert all(r.num_computed == r.num_tokens - 1 for r in batch.reqs)
+        elif batch.phase is Phase.TAIL:  # past the prefill target, up to the newest token, which samples
+            assert 0 < batch.num_tokens <= self.sched.token_budget
+            for r, n, s in zip(batch.reqs, batch.lengths, batch.sample, strict=True):
+                assert not r.sample_in_prefill and not r.output_ids and r.bf16_tail > 1
+                assert n > 0 and r.prefill_target <= r.num_computed and r.num_computed + n <= r.num_tokens
+                assert r.num_computed + n > r.num_tokens - r.bf16_tail
+                assert s == (r.num_computed + n == r.num_tokens)
         else:
             assert 0 < batch.num_tokens <= self.sched.token_budget
             for r, n, s in zip(batch.reqs, batch.lengths, batch.sample, strict=True):
@@ -307,6 +314,51 @@ def test_mixed_precision_fully_cached_prompt_goes_straight_to_decode():
     assert b.output_ids == expected_output(b)
 
 
+def test_bf16_tail_runs_the_last_prompt_tokens_after_prefill_and_samples_there():
+    sim = Sim(num_pages=40, budget=8)
+    req = make_req("a", list(range(1, 22)), max_new=3, sample_in_prefill=False, tail=10)
+    sim.add(req)
+    sim.run()
+    phases = [(b.phase, b.lengths, b.sample) for b in sim.batches]
+    assert phases[:4] == [(Phase.PREFILL, [8], [False]), (Phase.PREFILL, [3], [False]),  # 21 - 10 tokens
+                          (Phase.TAIL, [8], [False]), (Phase.TAIL, [2], [True])]  # the tail, in chunks
+    assert [p for p, _, _ in phases[4:]] == [Phase.DECODE] * 2
+    assert req.output_ids == expected_output(req) and sim.sched.num_tail_tokens == 10
+
+
+def test_bf16_tail_longer_than_the_prompt_or_its_uncached_part():
+    sim = Sim(num_pages=40, budget=64)
+    prompt = list(range(1, 22))
+    sim.add(make_req("short", prompt[:5], max_new=1, sample_in_prefill=False, tail=16))
+    sim.run()
+    assert [(b.phase, b.lengths) for b in sim.batches] == [(Phase.TAIL, [5])]  # the whole prompt
+    sim.add(make_req("a", prompt, max_new=1, sample_in_prefill=False, tail=4))
+    sim.run()
+    sim.batches.clear()
+    b = make_req("b", prompt + [7, 8, 9], max_new=2, sample_in_prefill=False, tail=16)  # 5 pages cached
+    sim.add(b)
+    sim.run()
+    assert b.cached_tokens == 20 and [(x.phase, x.lengths) for x in sim.batches[:1]] == [(Phase.TAIL, [4])]
+    assert b.output_ids == expected_output(b)
+
+
+def test_bf16_tail_alternates_with_decode_and_goes_before_new_prefill():
+    sim = Sim(num_pages=60, budget=32)
+    a = make_req("a", list(range(1, 10)), max_new=6, sample_in_prefill=False, tail=1)
+    sim.add(a)
+    sim.step(), sim.step()  # a: prefill, then its first decode step
+    b = make_req("b", list(range(20, 40)), max_new=2, sample_in_prefill=False, tail=6)
+    c = make_req("c", list(range(40, 60)), max_new=2, sample_in_prefill=False, tail=6)
+    sim.add(b)
+    assert sim.step().phase is Phase.PREFILL  # b's first 14 tokens
+    sim.add(c)
+    assert sim.step().phase is Phase.DECODE  # a
+    batch = sim.step()
+    assert batch.phase is Phase.TAIL and batch.reqs == [b]  # b's tail before c's prefill
+    sim.run()
+    assert all(r.output_ids == expected_output(r) for r in (a, b, c))
+
+
 def test_remove_frees_pages_of_waiting_and_running_requests():
     sim = Sim(num_pages=7, max_running=1)
     a, b = make_req("a", list(range(1, 11)), max_new=5), make_req("b", [3] * 6)
@@ -338,6 +390,7 @@ def test_random_workloads_finish_with_a_tiny_pool(seed, arrivals):
     sim = Sim(num_pages, max_running=rng.randint(1, 6), budget=rng.choice([4, 8, 16, 32]),
               cache=rng.random() < 0.8)
     in_prefill = rng.random() < 0.7
+    tails = random.Random(seed + 1000)  # its own stream: the workloads stay those of the seeds before tails
     stop = frozenset({0, 1})
     prefixes = [[rng.randrange(2, VOCAB) for _ in range(20)] for _ in range(3)]
     reqs, aborted = [], set()
@@ -347,7 +400,8 @@ def test_random_workloads_finish_with_a_tiny_pool(seed, arrivals):
             max_new = rng.randint(1, context - len(prompt))
             reqs.append(make_req(f"r{len(reqs)}", prompt, max_new, sample_in_prefill=in_prefill,
                                  stop=stop if rng.random() < 0.3 else frozenset(),
-                                 arrival=rng.random() if arrivals == "shuffled" else None))
+                                 arrival=rng.random() if arrivals == "shuffled" else None,
+                                 tail=tails.choice([1, 1, 3, 8, 40])))
             sim.add(reqs[-1])
         if reqs and rng.random() < 0.02:
             victim = rng.choice(reqs)

@@ -154,12 +154,63 @@ def test_mixquant_first_token_matches_hf_reference(checkpoints, references):
     with torch.no_grad():
         cache = quant(torch.tensor([PROMPT[:-1]]), use_cache=True).past_key_values
     expected = _continue(plain, cache, PROMPT[-1], STEPS)
-    _, rows = _engine_greedy(_engine(bf16, nvfp4, "nvfp4", "bf16"), PROMPT)
+    _, rows = _engine_greedy(_engine(bf16, nvfp4, "nvfp4", "bf16", bf16_tail_tokens=1), PROMPT)
     _close(rows, expected, atol=1e-4)
     # the test can tell: the pure model and NVFP4 prefill give clearly different first tokens' logits
     with torch.no_grad():
         pure = plain(torch.tensor([PROMPT])).logits[0, -1]
     assert (pure - expected[0]).abs().max().item() > 1000 * 1e-4
+
+
+@pytest.mark.parametrize("tail", [5, 20])
+def test_mixquant_bf16_tail_matches_hf_reference(checkpoints, references, tail):
+    """--bf16-tail-tokens K: NVFP4 KV of prompt[:-K], then the BF16 (here float32) model runs the last K
+    prompt tokens and samples from its own logits."""
+    bf16, nvfp4 = checkpoints
+    plain, quant = references
+    with torch.no_grad():
+        cache = quant(torch.tensor([PROMPT[:-tail]]), use_cache=True).past_key_values
+        out = plain(torch.tensor([PROMPT[-tail:]]), past_key_values=cache, use_cache=True)
+    first = out.logits[0, -1].float()
+    expected = [first, *_continue(plain, out.past_key_values, int(first.argmax()), STEPS - 1)]
+    _, rows = _engine_greedy(_engine(bf16, nvfp4, "nvfp4", "bf16", bf16_tail_tokens=tail), PROMPT)
+    _close(rows, expected, atol=1e-4)
+    _, one = _engine_greedy(_engine(bf16, nvfp4, "nvfp4", "bf16", bf16_tail_tokens=1), PROMPT)
+    assert (one[0] - rows[0]).abs().max().item() > 1000 * 1e-4  # the tail changes the first logits
+
+
+def test_bf16_tail_as_long_as_the_prompt_is_bf16_end_to_end(checkpoints):
+    bf16, nvfp4 = checkpoints
+    params = SamplingParams(max_tokens=STEPS, temperature=0, ignore_eos=True, logprobs=0)
+    whole = _engine(bf16, nvfp4, "nvfp4", "bf16", bf16_tail_tokens=len(PROMPT)).generate([PROMPT], params)[0]
+    plain = _engine(bf16, None, "bf16", "bf16").generate([PROMPT], params)[0]
+    assert whole.token_ids == plain.token_ids
+    assert [lp.logprob for lp in whole.logprobs] == [lp.logprob for lp in plain.logprobs]
+
+
+@pytest.mark.parametrize("tail", [1, 8])
+def test_prompt_tokens_by_precision(checkpoints, monkeypatch, tail):
+    """Prefill computes all but the last `tail` prompt tokens in NVFP4; the BF16 side computes the tail and
+    every sampled distribution. tail=1 is the split before the tail existed: the last prompt token is the
+    first decode step."""
+    bf16, _ = checkpoints
+    engine = _engine(bf16, None, "nvfp4", "bf16", bf16_tail_tokens=tail, chunked_prefill_size=16)
+    batches = []
+    forward = engine.runner.forward
+
+    def spy(batch, precision, *args, **kwargs):
+        logits = forward(batch, precision, *args, **kwargs)
+        batches.append((batch.phase.value, precision, batch.num_tokens, logits is not None))
+        return logits
+
+    monkeypatch.setattr(engine.runner, "forward", spy)
+    tokens, _ = _engine_greedy(engine, PROMPT, 3)
+    assert len(tokens) == 3
+    assert sum(n for _, p, n, _ in batches if p == "nvfp4") == len(PROMPT) - tail
+    assert all(p == "bf16" for _, p, _, sampled in batches if sampled)
+    prompt_in_bf16 = [(ph, n) for ph, p, n, _ in batches if p == "bf16"][: 1 if tail == 1 else 2]
+    assert prompt_in_bf16 == ([("decode", 1)] if tail == 1 else [("tail", 8), ("decode", 1)])
+    assert engine.scheduler.num_tail_tokens == (0 if tail == 1 else tail)
 
 
 def test_nvfp4_end_to_end_matches_hf_reference(checkpoints, references):
@@ -197,7 +248,7 @@ def test_one_kv_pool_and_shared_tensors_held_once(checkpoints):
 def test_every_sampled_token_comes_from_decode_precision(checkpoints, monkeypatch):
     """With NVFP4 prefill and BF16 decode, no logits row is sampled from a prefill (NVFP4) step."""
     bf16, _ = checkpoints
-    engine = _engine(bf16, None, "nvfp4", "bf16")
+    engine = _engine(bf16, None, "nvfp4", "bf16", bf16_tail_tokens=1)
     phases = []
     forward = engine.runner.forward
 

@@ -63,12 +63,14 @@ def test_worker_info_names_each_phase_precision() -> None:
     from types import SimpleNamespace
 
     link = FakeLink("a", "tcp://h:1", True, None, role="prefill",
-                    info=SimpleNamespace(prefill_precision="nvfp4", decode_precision="nvfp4"))
+                    info=SimpleNamespace(prefill_precision="nvfp4", decode_precision="nvfp4",
+                                         bf16_tail_tokens=64))
     registry = CollectorRegistry()
     registry.register(WorkerCollector(FakePool([link])))
     fams = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
     (s,) = fams["mixquant_worker_info"].samples
     assert s.value == 1 and s.labels["prefill_precision"] == "nvfp4" and s.labels["role"] == "prefill"
+    assert s.labels["bf16_tail_tokens"] == "64"
 
 
 def test_session_metrics(monkeypatch) -> None:
