@@ -183,7 +183,7 @@ class Engine:
             self.scheduler.commit(batch)
             if batch.phase is Phase.PREFILL:
                 self.counters["computed_prefill_tokens"] += batch.num_tokens
-            elif self.config.overlap_schedule and all(plain_row(r) for r in batch.reqs):
+            elif batch.phase is Phase.DECODE and self.config.overlap_schedule and all(map(plain_row, batch.reqs)):
                 self._flight = self._launch_sampling(batch, logits)
                 return []
             return self._sample(batch, logits)

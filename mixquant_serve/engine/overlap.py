@@ -13,7 +13,7 @@ The step launched ahead assumes that every request continues. A request that fin
 token, max_tokens, a stop string) has one extra token computed at k+1: correct KV for its last token,
 which is dropped with the request, and a sampled token that is discarded. Only plain decode rows run ahead
 (sampling without penalties, logprobs, min_tokens or a grammar, whose next step needs the host's view of
-the tokens); anything else, a waiting request or a prefill chunk drains the pipeline first. The KV pages
+the tokens); anything else, a waiting request, a prefill chunk or a BF16 tail drains the pipeline first. The KV pages
 of the step ahead are allocated before it launches, without preempting anything.
 """
 
@@ -64,7 +64,7 @@ def batch_ahead(scheduler: Scheduler, prev: InFlight, live: Container[str]) -> B
     """The decode batch that continues `prev` (its rows still live), or None when the pipeline must drain
     first: other work waits, another request decodes too, a row is not plain, or a page for the next token
     cannot be had without preempting."""
-    if scheduler.waiting or any(r.in_prefill for r in scheduler.running):
+    if scheduler.waiting or not all(r.decoding for r in scheduler.running):
         return None
     reqs = [r for r in prev.batch.reqs if r.rid in live and r.rid not in prev.void]
     if not reqs or len(reqs) != len(scheduler.running) or not all(plain_row(r) for r in reqs):
