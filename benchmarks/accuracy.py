@@ -3,6 +3,7 @@
     python benchmarks/accuracy.py                        # SmolLM2-135M-Instruct (the embedded model)
     python benchmarks/accuracy.py --random-qwen3         # a small random Qwen3 (seeded)
     python benchmarks/accuracy.py --model-path DIR [--quantized-model-path DIR | --nvfp4-weights load]
+    python benchmarks/accuracy.py --tails 1,16,64,256,turn [--fp8-tails 1,64]   # the BF16-tail sweep
 
 The shipped multi-turn tool-using conversations (mixquant_serve/data/agent_conversations.jsonl) are
 rendered with the model's chat template; every assistant turn is a case: its context is everything
@@ -11,12 +12,13 @@ before it, its reference continuation the shipped assistant message. For each co
     BF16 e2e | NVFP4 e2e | FP8 prefill + BF16 decode | NVFP4 prefill + BF16 decode (Mix-Quant)
 
 the engine prefills each context in the prefill precision and then runs decode steps in the decode
-precision, fed the reference tokens (teacher forcing; Mix-Quant runs the last context token as a decode
-step, so every distribution comes from decode). Per decode step: KL(BF16 || config) of the next-token
-distributions, top-1 agreement with BF16, and the reference token's log-likelihood (perplexity). A
-second pass generates greedily and counts the tokens that match BF16's greedy output. NVFP4 weights are
-calibrated with `mixquant-serve quantize` (static activation scales; cached under the mixquant cache)
-unless given or `--nvfp4-weights load` (quantize at load time, dynamic activation scales).
+precision, fed the reference tokens (teacher forcing; Mix-Quant runs the last --bf16-tail-tokens context
+tokens in the decode precision, so every distribution comes from decode). Per decode step: KL(BF16 ||
+config) of the next-token distributions, top-1 agreement with BF16, and the reference token's
+log-likelihood (perplexity). A second pass generates greedily and counts the tokens that match BF16's
+greedy output. NVFP4 weights are calibrated with `mixquant-serve quantize` (static activation scales;
+cached under the mixquant cache) unless given or `--nvfp4-weights load` (quantize at load time, dynamic
+activation scales).
 
 One engine holds the BF16 and NVFP4 weights and serves three configurations (each sets the precision
 of each phase); FP8 gets a second engine. Prefix caching is off, so every context is prefilled in the

@@ -222,7 +222,8 @@ def test_killing_the_decode_worker_frees_the_prefill_side(smollm_path, tok):
 def test_a_prefill_worker_with_another_kv_layout_is_refused(smollm_path, tok):
     p = WorkerProc("prefill_worker", *model_args(smollm_path), "--page-size", "32", "--prefill-precision", "bf16",
                    "--decode-precision", "bf16", name="layout-p").wait_ready()
-    d = WorkerProc("decode_worker", *model_args(smollm_path), name="layout-d").wait_ready()
+    d = WorkerProc("decode_worker", *model_args(smollm_path), "--bf16-tail-tokens", "1",  # the prompt is short
+                   name="layout-d").wait_ready()
     try:
         d.submit("mismatch", chat(tok, "Hello there, how are you today?"), GREEDY, prefill_url=p.url)
         _, final = d.result("mismatch", timeout=30)
