@@ -333,7 +333,10 @@ def _command(argv: list[str]) -> str:
 
 
 def git_commit() -> str:
-    sha = _command(["git", "rev-parse", "--short", "HEAD"]) or os.environ.get("MIXQUANT_COMMIT", "")
+    """MIXQUANT_COMMIT when set (a GPU host's copy of the tree may carry stale git metadata), else git's."""
+    if sha := os.environ.get("MIXQUANT_COMMIT"):
+        return sha
+    sha = _command(["git", "rev-parse", "--short", "HEAD"])
     if not sha:
         return "unknown"
     return sha + ("-dirty" if _command(["git", "status", "--porcelain", "--untracked-files=no"]) else "")

@@ -66,8 +66,12 @@ def batch_ahead(scheduler: Scheduler, prev: InFlight, live: Container[str]) -> B
     cannot be had without preempting."""
     if scheduler.waiting or not all(r.decoding for r in scheduler.running):
         return None
-    reqs = [r for r in prev.batch.reqs if r.rid in live and r.rid not in prev.void]
-    if not reqs or len(reqs) != len(scheduler.running) or not all(plain_row(r) for r in reqs):
+    alive = [r for r in prev.batch.reqs if r.rid in live and r.rid not in prev.void]
+    if len(alive) != len(scheduler.running):
+        return None
+    # a request whose token in flight is its last allowed one (max_tokens) stops there: no step ahead for it
+    reqs = [r for r in alive if len(r.output_ids) + 1 < r.max_new_tokens]
+    if not reqs or not all(plain_row(r) for r in reqs):
         return None
     if not all(scheduler.reserve_pages(r, r.num_computed + 1) for r in reqs):
         return None
