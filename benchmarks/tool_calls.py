@@ -46,6 +46,8 @@ TOOLS = [{"type": "function", "function": {"name": n, "parameters": p, "strict":
 
 
 def few_shot(question: str) -> list[dict]:
+    """Earlier turns that answered with calls: then the model opens calls in "auto" too (on its own it
+    rarely does), and unconstrained about one in four is broken (a made-up function, unit or argument)."""
     out = [{"role": "system", "content": "You are a weather agent: you answer every question with a tool call."}]
     for i, (city, unit) in enumerate([("Rome", "celsius"), ("Boston", "fahrenheit"), ("Lima", "celsius")]):
         call = {"id": f"call_{i}", "type": "function",

@@ -9,12 +9,17 @@ a named function, "required" and "auto" with strict functions, colocated and dis
 from __future__ import annotations
 
 import json
+import sys
 from collections import defaultdict
+from pathlib import Path
 
 import jsonschema
 import openai
 import pytest
 from cluster import launched, wait_idle_no_leaks
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from tool_calls import few_shot  # noqa: E402  (the benchmark's few-shot agent history, shared)
 
 MODEL = "SmolLM2-135M-Instruct"
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
@@ -35,18 +40,6 @@ PROMPTS = [
      {"role": "user", "content": "Find me a flight from Oslo to Rome, and tell me how warm Rome is."}],
 ]
 NAMED = {"type": "function", "function": {"name": "search_flights"}}
-
-
-def few_shot(question: str) -> list[dict]:
-    """Earlier turns that answered with calls: then the model opens calls in "auto" too (on its own it
-    rarely does), and unconstrained about one in four is broken (a made-up function, unit or argument)."""
-    out = [{"role": "system", "content": "You are a weather agent: you answer every question with a tool call."}]
-    for i, (city, unit) in enumerate([("Rome", "celsius"), ("Boston", "fahrenheit"), ("Lima", "celsius")]):
-        call = {"id": f"call_{i}", "type": "function",
-                "function": {"name": "get_weather", "arguments": json.dumps({"city": city, "unit": unit})}}
-        out += [{"role": "user", "content": f"Weather in {city}?"},
-                {"role": "assistant", "content": None, "tool_calls": [call]}]
-    return out + [{"role": "user", "content": question}]
 
 
 def _cluster(*mode: str):

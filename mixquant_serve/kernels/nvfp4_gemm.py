@@ -16,7 +16,7 @@ import triton.language as tl
 
 from mixquant_serve.kernels.fp8_quant import check_triton_device
 from mixquant_serve.kernels.nvfp4_quant import _e2m1_value
-from mixquant_serve.kernels.scaled_mm import _HOPPER_CONFIGS, _tile_ids
+from mixquant_serve.kernels.scaled_mm import _HOPPER_CONFIGS, _tile_ids, scaled_epilogue
 
 _OPERAND_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -70,13 +70,7 @@ def _nvfp4_gemm_kernel(a_ptr, w_ptr, ws_ptr, rs_ptr, cs_ptr, bias_ptr, c_ptr, M,
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K // 2
         s_ptrs += BLOCK_K // 16
-    row_scale = tl.load(rs_ptr + rm * rs_stride, mask=rm < M, other=0.0)
-    col_scale = tl.load(cs_ptr + rn, mask=rn < N, other=0.0)
-    acc = acc * (row_scale[:, None] * col_scale[None, :])
-    if HAS_BIAS:
-        acc = acc + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    scaled_epilogue(acc, rm, rn, M, N, rs_ptr, rs_stride, cs_ptr, bias_ptr, c_ptr, stride_cm, stride_cn, HAS_BIAS)
 
 
 _nvfp4_gemm_tuned = triton.autotune(configs=_HOPPER_CONFIGS, key=["M_BUCKET", "N", "K"])(_nvfp4_gemm_kernel)

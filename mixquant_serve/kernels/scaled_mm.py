@@ -23,6 +23,19 @@ _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
+def scaled_epilogue(acc, rm, rn, M, N, rs_ptr, rs_stride, cs_ptr, bias_ptr, c_ptr, stride_cm, stride_cn,
+                    HAS_BIAS: tl.constexpr):
+    """Store ``acc * (row_scale * col_scale) + bias`` (the scales multiplied first, in float32) as c's dtype."""
+    row_scale = tl.load(rs_ptr + rm * rs_stride, mask=rm < M, other=0.0)
+    col_scale = tl.load(cs_ptr + rn, mask=rn < N, other=0.0)
+    acc = acc * (row_scale[:, None] * col_scale[None, :])
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """Program id -> (tile row, tile column), GROUP_M tile rows at a time (L2 reuse of b's tiles)."""
     pid = tl.program_id(0)
@@ -59,13 +72,7 @@ def _scaled_mm_kernel(a_ptr, b_ptr, rs_ptr, cs_ptr, bias_ptr, c_ptr, M, N, K, M_
         acc = tl.dot(a, b, acc, input_precision="ieee") if IEEE else tl.dot(a, b, acc)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    row_scale = tl.load(rs_ptr + rm * rs_stride, mask=rm < M, other=0.0)
-    col_scale = tl.load(cs_ptr + rn, mask=rn < N, other=0.0)
-    acc = acc * (row_scale[:, None] * col_scale[None, :])
-    if HAS_BIAS:
-        acc = acc + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    scaled_epilogue(acc, rm, rn, M, N, rs_ptr, rs_stride, cs_ptr, bias_ptr, c_ptr, stride_cm, stride_cn, HAS_BIAS)
 
 
 def _config(bm: int, bn: int, bk: int, stages: int, warps: int) -> triton.Config:
