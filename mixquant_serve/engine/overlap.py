@@ -64,10 +64,12 @@ def batch_ahead(scheduler: Scheduler, prev: InFlight, live: Container[str]) -> B
     """The decode batch that continues `prev` (its rows still live), or None when the pipeline must drain
     first: other work waits, another request decodes too, a row is not plain, or a page for the next token
     cannot be had without preempting."""
-    if scheduler.waiting or not all(r.decoding for r in scheduler.running):
+    # requests waiting for a prefill worker's KV cannot run yet: they do not stop the pipeline
+    ready = [r for r in scheduler.running if not r.awaiting_kv]
+    if scheduler.waiting or not all(r.decoding for r in ready):
         return None
     alive = [r for r in prev.batch.reqs if r.rid in live and r.rid not in prev.void]
-    if len(alive) != len(scheduler.running):
+    if len(alive) != len(ready):
         return None
     # a request whose token in flight is its last allowed one (max_tokens) stops there: no step ahead for it
     reqs = [r for r in alive if len(r.output_ids) + 1 < r.max_new_tokens]

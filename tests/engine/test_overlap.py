@@ -71,3 +71,23 @@ def test_arrivals_and_aborts_while_a_step_is_in_flight(engines):
     assert tokens["a"] == want[0].token_ids and tokens["c"] == want[1].token_ids
     assert 0 < len(tokens["b"]) < 40
     _no_leak(fast)
+
+
+def test_a_request_waiting_for_remote_kv_does_not_stop_the_pipeline(engines):
+    """Decode-worker shape: one request decodes while another waits for a prefill worker's KV."""
+    fast, ref = engines
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    fast.add_request("local", fast.tokenizer.encode(PROMPTS[3]), params)
+    fast.add_request("remote", fast.tokenizer.encode(PROMPTS[4] * 4), params, remote_prefill="tcp://nowhere:1")
+    tokens: dict[str, list[int]] = {"local": [], "remote": []}
+    ran_ahead = 0
+    while fast.has_work:
+        for out in fast.step():
+            tokens[out.rid] += out.token_ids
+        ran_ahead += fast._flight is not None and len(tokens["local"]) > 1
+        if len(tokens["local"]) == 8 and fast.requests["remote"].awaiting_kv:
+            fast.kv_ready("remote", 0)  # its (unwritten) KV "arrived": it joins the decode batch
+    assert ran_ahead > 3, "the pipeline kept running while the remote request waited"
+    assert tokens["local"] == ref.generate([PROMPTS[3]], params)[0].token_ids
+    assert len(tokens["remote"]) == 16
+    _no_leak(fast)
