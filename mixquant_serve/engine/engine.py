@@ -196,10 +196,10 @@ class Engine:
                 if req.rid in self.requests]
 
     # -- overlapped decode (engine/overlap.py) ------------------------------------------------------
-    def _launch_sampling(self, batch: Batch, logits: torch.Tensor, void: frozenset[str] = frozenset()) -> InFlight:
+    def _launch_sampling(self, batch: Batch, logits: torch.Tensor) -> InFlight:
         tokens = self.sampler.sample_on_device(logits, batch.reqs)
         host, ready = launch_copy(tokens)
-        return InFlight(batch, tokens, host, ready, void)
+        return InFlight(batch, tokens, host, ready, frozenset())
 
     def _step_ahead(self) -> list[ReqOutput]:
         """Launch the decode step after the one in flight, then apply the tokens of the one in flight."""

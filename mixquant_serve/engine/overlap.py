@@ -26,6 +26,7 @@ import torch
 
 from mixquant_serve.engine.request import Request
 from mixquant_serve.engine.scheduler import Batch, Phase, Scheduler
+from mixquant_serve.layers.sampler import uses_penalties
 
 
 class InFlight(NamedTuple):
@@ -39,8 +40,8 @@ class InFlight(NamedTuple):
 def plain_row(req: Request) -> bool:
     """Whether a decode row may run ahead: its sampling needs nothing the host learns from the last token."""
     p = req.params
-    return (req.matcher is None and p.logprobs is None and p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0
-            and p.presence_penalty == 0.0 and len(req.output_ids) + 1 >= p.min_tokens)
+    return (req.matcher is None and p.logprobs is None and not uses_penalties(p)
+            and len(req.output_ids) + 1 >= p.min_tokens)
 
 
 def launch_copy(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:

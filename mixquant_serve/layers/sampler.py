@@ -55,7 +55,6 @@ class Sampler:
         token_ids = tokens.tolist()
         return SampleOutput(token_ids, _logprobs(raw, tokens, token_ids, rows))
 
-
     def sample_on_device(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """[B] token ids left on the logits' device, no host sync: for rows without penalties, an active
         min_tokens or logprobs (the caller checks), whose sampling needs nothing but the logits."""
@@ -67,14 +66,14 @@ class Sampler:
 
 def _plain_greedy(row: SamplingRow) -> bool:
     p = row.params
-    return is_greedy(p) and p.logprobs is None and not _uses_penalties(p) and not _min_tokens_active(row)
+    return is_greedy(p) and p.logprobs is None and not uses_penalties(p) and not _min_tokens_active(row)
 
 
 def is_greedy(params: SamplingParams) -> bool:
     return params.temperature < GREEDY_EPS
 
 
-def _uses_penalties(p: SamplingParams) -> bool:
+def uses_penalties(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
 
@@ -125,7 +124,7 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     repetition_penalty r over prompt + output tokens: positive logits / r, negative ones * r.
     Then logit -= frequency_penalty * count_in_output + presence_penalty * (count_in_output > 0).
     """
-    picked = [i for i, r in enumerate(rows) if _uses_penalties(r.params)]
+    picked = [i for i, r in enumerate(rows) if uses_penalties(r.params)]
     if not picked:
         return logits
     index = _select(picked, len(rows), logits.device)
