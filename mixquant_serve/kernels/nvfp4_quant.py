@@ -3,12 +3,14 @@
 Oracle: ``quant/nvfp4.py`` (``quantize_nvfp4``, ``dequantize_nvfp4_blocks``, ``nvfp4_row_global_scale``),
 matched bit for bit:
 - global scale: a float32 scalar, one per row, or (None) computed per row here as
-  ``fl32(max(amax_row, 6 * 448 * tiny)) / 2688``, a true division (``tl.div_rn``);
+  ``pow2_ceil(fl32(max(amax_row, 6 * 448 * tiny)) / 2688)``, a true division (``tl.div_rn``) rounded up to
+  a power of two;
 - ``block_scale = e4m3(clamp(where(s == 0, 1, s), 2**-9, 448))`` with ``s = block_amax / fl32(6 * gs)``;
 - ``code = rne_e2m1(x / fl32(block_scale * gs))`` with Model Optimizer's sign (``x < 0``, so a small
   negative value gives the "negative zero" nibble 0x8) and NaN (the block's scale is NaN, codes 0x7);
 - packed low nibble first, or (``nvfp4_quantize_dequantize``) the exact ``e2m1 * block_scale`` without
-  the global scale, which is what the emulated GEMM consumes.
+  the global scale, which is what the emulated GEMM consumes, or with the dynamic (power-of-two) scale
+  folded in, ``e2m1 * block_scale * global_scale``, still exact: the operand of a plain BF16 GEMM.
 """
 
 from __future__ import annotations
@@ -66,16 +68,21 @@ def _load_pairs(x_ptr, row_off, k0, K, NB: tl.constexpr):
 
 @triton.jit
 def _dynamic_global_scale(amax, gs_ptr, row, AMAX_FLOOR: tl.constexpr):
-    """``fl32(max(amax, floor)) / 2688``, a true division; stored as the row's scale for the epilogue."""
+    """``pow2_ceil(fl32(max(amax, floor)) / 2688)``, a true division rounded up to a power of two (NaN and
+    inf kept); stored as the row's scale for the epilogue."""
     amax = tl.where(amax < AMAX_FLOOR, AMAX_FLOOR, amax)  # a comparison, so NaN stays NaN
     gs = tl.div_rn(amax, tl.full([], 2688.0, tl.float32))
+    bits = gs.to(tl.int32, bitcast=True)
+    exponent = bits & 0x7F800000
+    up = tl.where((bits & 0x007FFFFF) != 0, exponent + 0x00800000, exponent).to(tl.float32, bitcast=True)
+    gs = tl.where(exponent == 0x7F800000, gs, up)
     tl.store(gs_ptr + row, gs)
     return gs
 
 
 @triton.jit
 def _quantize_pairs(xe, xo, gs, offs, mask, k0, K, packed_row, scale_row, deq_row, NB: tl.constexpr,
-                    DEQUANT: tl.constexpr, HW: tl.constexpr):
+                    DEQUANT: tl.constexpr, FOLD: tl.constexpr, HW: tl.constexpr):
     """Quantize NB blocks (``_load_pairs``' tiles) with global scale ``gs`` and store them."""
     amax = tl.maximum(tl.max(tl.abs(xe), 1), tl.max(tl.abs(xo), 1))
     nan = tl.max(((xe != xe) | (xo != xo)).to(tl.int32), 1) > 0
@@ -88,6 +95,8 @@ def _quantize_pairs(xe, xo, gs, offs, mask, k0, K, packed_row, scale_row, deq_ro
     co = _e2m1_code(tl.div_rn(xo, divisor))
     if DEQUANT:
         values = tl.reshape(tl.join(_e2m1_value(ce), _e2m1_value(co)), [NB, 16]) * s_val[:, None]
+        if FOLD:  # a power of two: exact
+            values = values * gs
         tl.store(deq_row + offs, values.to(deq_row.dtype.element_ty), mask=mask)
     else:
         pk = k0 // 2 + tl.arange(0, NB)[:, None] * 8 + tl.arange(0, 8)[None, :]
@@ -98,7 +107,8 @@ def _quantize_pairs(xe, xo, gs, offs, mask, k0, K, packed_row, scale_row, deq_ro
 
 @triton.jit
 def _nvfp4_quant_kernel(x_ptr, gs_ptr, packed_ptr, scale_ptr, deq_ptr, K, stride_x, gs_stride, stride_p,
-                        stride_s, stride_d, DYNAMIC: tl.constexpr, DEQUANT: tl.constexpr, NB: tl.constexpr,
+                        stride_s, stride_d, DYNAMIC: tl.constexpr, DEQUANT: tl.constexpr, FOLD: tl.constexpr,
+                        NB: tl.constexpr,
                         ONE_CHUNK: tl.constexpr, AMAX_FLOOR: tl.constexpr, HW: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     row_off = row * stride_x
@@ -111,7 +121,7 @@ def _nvfp4_quant_kernel(x_ptr, gs_ptr, packed_ptr, scale_ptr, deq_ptr, K, stride
                                        AMAX_FLOOR)
         else:
             gs = tl.load(gs_ptr + row * gs_stride)
-        _quantize_pairs(xe, xo, gs, offs, mask, 0, K, p_row, s_row, d_row, NB, DEQUANT, HW)
+        _quantize_pairs(xe, xo, gs, offs, mask, 0, K, p_row, s_row, d_row, NB, DEQUANT, FOLD, HW)
     else:
         if DYNAMIC:
             gs = _dynamic_global_scale(_row_amax(x_ptr, row_off, K, NB * 16), gs_ptr, row, AMAX_FLOOR)
@@ -119,7 +129,7 @@ def _nvfp4_quant_kernel(x_ptr, gs_ptr, packed_ptr, scale_ptr, deq_ptr, K, stride
             gs = tl.load(gs_ptr + row * gs_stride)
         for k0 in range(0, K, NB * 16):
             xe, xo, offs, mask = _load_pairs(x_ptr, row_off, k0, K, NB)
-            _quantize_pairs(xe, xo, gs, offs, mask, k0, K, p_row, s_row, d_row, NB, DEQUANT, HW)
+            _quantize_pairs(xe, xo, gs, offs, mask, k0, K, p_row, s_row, d_row, NB, DEQUANT, FOLD, HW)
 
 
 def _check_x(x: torch.Tensor) -> None:
@@ -148,7 +158,7 @@ def _global_scale(x: torch.Tensor, global_scale: torch.Tensor | None) -> tuple[t
 
 
 def _launch(x: torch.Tensor, global_scale: torch.Tensor | None, packed: torch.Tensor, scales: torch.Tensor,
-            deq: torch.Tensor, dequant: bool) -> torch.Tensor:
+            deq: torch.Tensor, dequant: bool, fold: bool = False) -> torch.Tensor:
     gs, gs_stride = _global_scale(x, global_scale)
     t, k = x.shape
     if t:
@@ -157,7 +167,7 @@ def _launch(x: torch.Tensor, global_scale: torch.Tensor | None, packed: torch.Te
         nb = blocks if one_chunk else CHUNK_BLOCKS
         _nvfp4_quant_kernel[(t,)](x, gs, packed, scales, deq, k, x.stride(0), gs_stride, packed.stride(0),
                                   scales.stride(0), deq.stride(0), DYNAMIC=global_scale is None,
-                                  DEQUANT=dequant, NB=nb, ONE_CHUNK=one_chunk, AMAX_FLOOR=AMAX_FLOOR,
+                                  DEQUANT=dequant, FOLD=fold, NB=nb, ONE_CHUNK=one_chunk, AMAX_FLOOR=AMAX_FLOOR,
                                   HW=hardware_cast(x),
                                   num_warps=4 if nb <= 32 else 8)
     return gs
@@ -179,14 +189,19 @@ def nvfp4_quantize(x: torch.Tensor, global_scale: torch.Tensor | None = None
 
 
 def nvfp4_quantize_dequantize(x: torch.Tensor, global_scale: torch.Tensor | None = None,
-                              out_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [T, K]`` to ``(blocks [T, K] out_dtype, global_scale)``: ``e2m1 * block_scale``, no global scale.
+                              out_dtype: torch.dtype = torch.bfloat16, fold_global: bool = False
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [T, K]`` to ``(blocks [T, K] out_dtype, global_scale)``: ``e2m1 * block_scale``, no global scale,
+    or with ``fold_global`` (dynamic scale only: a power of two) ``e2m1 * block_scale * global_scale``.
 
-    Exact in float32, bfloat16 and float16. ``global_scale`` as in ``nvfp4_quantize``.
+    Exact in float32, bfloat16 and float16 (folded: barring float16 overflow). ``global_scale`` as in
+    ``nvfp4_quantize``.
     """
     _check_x(x)
     if out_dtype not in _FLOAT_DTYPES:
         raise ValueError(f"out_dtype must be float32/bfloat16/float16, got {out_dtype}")
+    if fold_global and global_scale is not None:
+        raise ValueError("fold_global needs the dynamic (power-of-two) scale: pass global_scale=None")
     deq = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    gs = _launch(x, global_scale, deq, deq, deq, dequant=True)
+    gs = _launch(x, global_scale, deq, deq, deq, dequant=True, fold=fold_global)
     return deq, gs

@@ -5,7 +5,9 @@ Pure functions on tensors (CPU or CUDA), bit-exact with NVIDIA Model Optimizer's
 
 - ``global_scale = amax / (6 * 448)``; scales multiply to dequantize (checkpoints call the weight's
   ``weight_scale_2`` and the activation's ``input_scale``). One per tensor, or one per row
-  (``nvfp4_row_global_scale``: a dynamic activation scale that makes a row independent of its batch).
+  (``nvfp4_row_global_scale``: a dynamic activation scale that makes a row independent of its batch;
+  rounded up to a power of two, so that ``e2m1 * block_scale * global_scale`` stays exact in bfloat16
+  and a plain BF16 GEMM can take the activation with its scale folded in).
 - ``block_scale = e4m3(clamp(block_amax / (6 * global_scale), 2**-9, 448))``; an all-zero block gets 1.0.
   The clamp is applied in float32 *before* the cast to E4M3 (so nothing underflows to 0 or overflows
   to NaN), and ``6 * global_scale`` is rounded to float32 before the division.
@@ -63,8 +65,20 @@ def nvfp4_global_scale(amax: torch.Tensor | float) -> torch.Tensor:
 
 
 def nvfp4_row_global_scale(x: torch.Tensor) -> torch.Tensor:
-    """One global scale per row of ``x [..., K]``: ``nvfp4_global_scale(max|row|)`` as float32 ``[..., 1]``."""
-    return nvfp4_global_scale(x.abs().amax(dim=-1, keepdim=True))
+    """One global scale per row of ``x [..., K]``: ``pow2_ceil(nvfp4_global_scale(max|row|))``, float32 ``[..., 1]``.
+
+    A power of two at or above ``amax / 2688`` keeps every block scale within E4M3's range (the largest
+    block lands in [224, 448]; E4M3 rounds as finely there as anywhere in its normal range), and
+    multiplying by it is exact, so the activation can carry it into the GEMM's operand."""
+    return pow2_ceil(nvfp4_global_scale(x.abs().amax(dim=-1, keepdim=True)))
+
+
+def pow2_ceil(s: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two >= each positive normal float32 of ``s``; inf and NaN stay as they are."""
+    bits = s.contiguous().view(torch.int32)
+    exponent = bits & 0x7F800000
+    up = torch.where((bits & 0x007FFFFF) != 0, exponent + 0x00800000, exponent).view(torch.float32)
+    return torch.where(torch.isfinite(s), up, s)
 
 
 def tensor_amax(x: torch.Tensor) -> torch.Tensor:

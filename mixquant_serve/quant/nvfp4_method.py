@@ -8,8 +8,8 @@ across q/k/v and gate/up. A checkpoint may give each shard its own ``weight_scal
 the weight's global scale per output channel, so that stays exact. The activation is quantized once
 for the merged GEMM, so it needs one input scale: the largest of the shards' (equal in Model Optimizer
 exports; vLLM takes the max too). Without an input scale (quantize-at-load) the scale is dynamic and
-per token: ``amax(row) / (6 * 448)`` of each row, so a request's activations (and the KV they produce)
-do not depend on the other requests in its batch.
+per token: ``amax(row) / (6 * 448)`` of each row rounded up to a power of two, so a request's activations
+(and the KV they produce) do not depend on the other requests in its batch.
 
 The GEMM (emulated; exact up to float32 accumulation order): both operands dequantized WITHOUT their
 global scales (``e2m1 * block_scale`` is exact in bfloat16 and float32), multiplied with float32
@@ -18,9 +18,12 @@ accumulation, then multiplied once by ``fl32(input_scale[row] * weight_scale_2[c
 CUDA): 4 (2) bytes per weight instead of 0.5625 packed; the cache is reported apart (``cache_bytes``).
 Set MIXQUANT_NVFP4_WEIGHT_CACHE=0 to keep no cache: on CPU the weight is then dequantized per call, on
 CUDA the GEMM reads the packed weight and decodes it in registers (``kernels/nvfp4_gemm.py``). On CUDA
-the activation is quantized and dequantized by one Triton kernel (``kernels/nvfp4_quant.py``) and the
-GEMM, with both global scales and the bias in its epilogue, is ``kernels/scaled_mm.py`` on the cached
-weight; on CPU the same arithmetic runs in PyTorch.
+the activation is quantized and dequantized by one Triton kernel (``kernels/nvfp4_quant.py``); when the
+weight has one global scale (the usual case) the GEMM is cuBLAS's BF16 GEMM on the cached weight with
+``alpha`` = that scale (times a static input scale) and the bias in its float32 epilogue, the dynamic
+per-token scale being a power of two folded exactly into the activation operand; otherwise (a global scale
+per shard) ``kernels/scaled_mm.py`` applies the scales per row and channel in its epilogue. On CPU the
+same arithmetic runs in PyTorch.
 On Blackwell (sm_100/sm_120) the packed operands go to FP4 tensor cores instead (``nvfp4_blackwell``,
 selected by capability; no dequantized weight cache then).
 
@@ -85,6 +88,7 @@ class NVFP4Method(QuantMethod):
         impl.channel_scale = None  # float32 [N] weight global scale per output channel
         impl.x_scale = None  # static input global scale (0-d float32) or None: dynamic
         impl.cache = None  # dequantized blocks [N, K] (no global scale), float32 or bfloat16
+        impl.alpha = None  # one float32 factor for all of the GEMM's output (see _alpha), or None
         impl.native = None  # Blackwell: the weight as FP4 tensor-core operands (nvfp4_blackwell.NativeWeight)
         return impl
 
@@ -169,6 +173,7 @@ class NVFP4Method(QuantMethod):
         elif os.environ.get(_CACHE_ENV, "1") != "0":
             operand = _operand_dtype(layer.device)
             impl.cache = dequantize_nvfp4_blocks(impl.weight, impl.weight_scale, dtype=operand)
+            impl.alpha = _alpha(impl)
 
     # -- running ------------------------------------------------------------------------------------
     def apply(self, impl: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -200,6 +205,11 @@ class NVFP4Method(QuantMethod):
             return nvfp4_blackwell.native_mm(packed, scales, impl.native, x_scale, impl.channel_scale, bias,
                                              rows.dtype)
 
+        if impl.alpha is not None and rows.dtype == torch.bfloat16:  # cuBLAS, scales folded or in alpha
+            x_op, _ = nvfp4_quantize_dequantize(rows, impl.x_scale, fold_global=impl.x_scale is None)
+            if bias is None:
+                return torch.addmm(x_op.new_zeros(()), x_op, impl.cache.T, beta=0, alpha=impl.alpha)
+            return torch.addmm(bias, x_op, impl.cache.T, alpha=impl.alpha)
         x_blocks, x_scale = nvfp4_quantize_dequantize(rows, impl.x_scale, out_dtype=torch.bfloat16)
         if impl.cache is None:  # the packed weight, decoded tile by tile in the GEMM
             return nvfp4_gemm(x_blocks, impl.weight, impl.weight_scale, x_scale, impl.channel_scale, bias,
@@ -225,6 +235,15 @@ class NVFP4Method(QuantMethod):
         if impl.native is not None:  # the FP4 operand is a view of the packed weight; the scales are a copy
             return impl.native.scales.numel()
         return 0 if impl.cache is None else impl.cache.numel() * impl.cache.element_size()
+
+
+def _alpha(impl: nn.Module) -> float | None:
+    """The GEMM's one output factor when the weight has one global scale: that scale, times a static input
+    scale as float32 (the dynamic per-token scale is folded into the activation instead); else None."""
+    ws = impl.weight_scale_2
+    if impl.cache is None or impl.cache.device.type != "cuda" or not bool((ws == ws[0]).all()):
+        return None
+    return float(ws[0] if impl.x_scale is None else impl.x_scale.float() * ws[0])
 
 
 def _operand_dtype(device: torch.device) -> torch.dtype:

@@ -8,6 +8,7 @@ import torch
 from mixquant_serve.kernels.nvfp4_quant import nvfp4_quantize, nvfp4_quantize_dequantize
 from mixquant_serve.quant.nvfp4 import (
     BLOCK_SIZE,
+    dequantize_nvfp4,
     dequantize_nvfp4_blocks,
     nvfp4_global_scale,
     nvfp4_row_global_scale,
@@ -40,6 +41,9 @@ def _check(x: torch.Tensor, global_scale: torch.Tensor | None, out_dtypes=(torch
     for dtype in out_dtypes:
         blocks, _ = nvfp4_quantize_dequantize(x, global_scale, out_dtype=dtype)
         assert blocks.dtype == dtype and _same(blocks, dequantize_nvfp4_blocks(ref_packed, ref_scales, dtype))
+        if global_scale is None:  # the power-of-two dynamic scale folded into the operand, still exact
+            folded, _ = nvfp4_quantize_dequantize(x, None, out_dtype=dtype, fold_global=True)
+            assert _same(folded, dequantize_nvfp4(ref_packed, ref_scales, ref_scale, dtype))
 
 
 def _heavy_tailed(t: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -142,6 +146,9 @@ def test_rejects_bad_input(device):
         nvfp4_quantize(torch.randn(3, 32, device=device), torch.ones(2, device=device))
     with pytest.raises(ValueError, match="out_dtype"):
         nvfp4_quantize_dequantize(torch.randn(2, 32, device=device), out_dtype=torch.int32)
+    with pytest.raises(ValueError, match="fold_global"):
+        nvfp4_quantize_dequantize(torch.randn(2, 32, device=device), torch.tensor(1.0, device=device),
+                                  fold_global=True)
 
 
 @pytest.mark.gpu
@@ -159,3 +166,6 @@ def test_gpu_qwen_shapes_match_cpu_reference(dtype):
             assert torch.equal(_bits(used.cpu().reshape(-1)), _bits(ref_scale.reshape(-1)))
             blocks, _ = nvfp4_quantize_dequantize(x.cuda(), None if scale is None else scale.cuda())
             assert torch.equal(blocks.cpu(), dequantize_nvfp4_blocks(ref_packed, ref_scales, torch.bfloat16))
+            if scale is None:
+                folded, _ = nvfp4_quantize_dequantize(x.cuda(), fold_global=True)
+                assert torch.equal(folded.cpu(), dequantize_nvfp4(ref_packed, ref_scales, ref_scale, torch.bfloat16))

@@ -56,6 +56,7 @@ def test_nvfp4_method_quantize_at_load_matches_nvfp4_matmul(monkeypatch, t, cach
     bias = torch.randn(sum(SIZES), generator=gen).to(torch.bfloat16)
     layer.load("bias", bias.cuda())
     layer.process_after_loading()
+    assert (layer.impls["nvfp4"].alpha is not None) == (cache == "1")  # one global scale: cuBLAS
     x = _inputs(t, t + 1)
     out = _run(layer, "nvfp4", x.cuda()).cpu()
     g = nvfp4_global_scale(tensor_amax(w))
@@ -66,19 +67,21 @@ def test_nvfp4_method_quantize_at_load_matches_nvfp4_matmul(monkeypatch, t, cach
     assert _close(one, out[:1])
 
 
-def test_nvfp4_method_static_input_scale_per_shard_weight_scales():
+@pytest.mark.parametrize("shared", [False, True])  # one weight scale: cuBLAS with alpha; per shard: Triton
+def test_nvfp4_method_static_input_scale(shared):
     gen = torch.Generator().manual_seed(5)
     layer = LinearBase(K, SIZES, False, ("nvfp4",), torch.bfloat16, "cuda")
     parts = []
     for i, n in enumerate(SIZES):
         w = torch.randn(n, K, generator=gen) * (i + 1) * 0.05
-        g = nvfp4_global_scale(tensor_amax(w))
+        g = torch.tensor(0.2 / 2688) if shared else nvfp4_global_scale(tensor_amax(w))
         packed, bs = quantize_nvfp4(w, g)
         for suffix, tensor in (("weight", packed), ("weight_scale", bs), ("weight_scale_2", g),
                                ("input_scale", torch.tensor(0.003))):
             layer.load(suffix, tensor.cuda(), i)
         parts.append((packed, bs, g))
     layer.process_after_loading()
+    assert (layer.impls["nvfp4"].alpha is not None) == shared
     x = _inputs(200, 6)
     out = _run(layer, "nvfp4", x.cuda()).cpu()
     ref = torch.cat([nvfp4_matmul(x, p, bs, g, input_global_scale=torch.tensor(0.003), out_dtype=torch.float32)

@@ -15,6 +15,7 @@ from mixquant_serve.quant.nvfp4 import (
     nvfp4_matmul,
     nvfp4_row_global_scale,
     pack_nibbles,
+    pow2_ceil,
     quantize_nvfp4,
     tensor_amax,
     unpack_nibbles,
@@ -280,7 +281,8 @@ def test_matmul_dynamic_input_scale(weight):
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(7, 128, generator=gen) * 3 * torch.exp(3 * torch.randn(7, 1, generator=gen))
     out = nvfp4_matmul(x, w_packed, w_scales, w_global, out_dtype=torch.float32)
-    x_global = (x.abs().amax(dim=1, keepdim=True).double() / 2688.0).float()  # one per row
+    # one per row: the power of two at or above amax / 2688, computed independently in float64
+    x_global = torch.exp2(torch.ceil(torch.log2(x.abs().amax(dim=1, keepdim=True).double() / 2688.0))).float()
     _check_matmul(x, w_packed, w_scales, w_global, x_global, out)
     ref = x @ w.T
     rel = (out - ref).norm(dim=1) / ref.norm(dim=1)
@@ -298,7 +300,7 @@ def test_per_row_global_scale_is_each_rows_own():
     scale = nvfp4_row_global_scale(x)
     assert scale.shape == (6, 1) and scale.dtype == torch.float32
     for i in range(6):
-        assert _bits(scale[i, 0]) == _bits(nvfp4_global_scale(tensor_amax(x[i])))
+        assert _bits(scale[i, 0]) == _bits(pow2_ceil(nvfp4_global_scale(tensor_amax(x[i]))))
         row = quantize_nvfp4(x[i], scale[i, 0])  # a per-row scale quantizes each row as its own tensor
         packed, scales = quantize_nvfp4(x, scale)
         assert torch.equal(packed[i], row[0]) and torch.equal(_bits(scales[i]), _bits(row[1]))
@@ -346,3 +348,27 @@ def test_cuda_matches_cpu(dtype):
     )
     _check_matmul(x, w_packed, w_scales, w_global, nvfp4_row_global_scale(x), out_gpu.cpu())
     assert torch.allclose(out_gpu.cpu(), out_cpu, rtol=1e-4, atol=1e-6 * out_cpu.abs().max().item())
+
+
+def test_pow2_ceil():
+    gen = torch.Generator().manual_seed(11)
+    s = torch.exp(20 * torch.randn(1000, generator=gen)).float()
+    s[:4] = torch.tensor([1.0, 0.75, 2.0**-126, 3 * 2.0**-120])
+    up = pow2_ceil(s)
+    mantissa, _ = torch.frexp(up)
+    assert (mantissa == 0.5).all() and (up >= s).all() and (up < 2 * s).all()
+    assert up[:4].tolist() == [1.0, 1.0, 2.0**-126, 2.0**-118]
+    special = torch.tensor([float("inf"), float("nan")])
+    assert pow2_ceil(special)[0] == float("inf") and pow2_ceil(special)[1].isnan()
+
+
+def test_dynamic_scale_folds_exactly_into_a_bf16_operand():
+    """The per-row scale is a power of two: e2m1 * block_scale * scale is exact in bfloat16."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(9, 256, generator=gen) * torch.exp(4 * torch.randn(9, 1, generator=gen))
+    scale = nvfp4_row_global_scale(x)
+    packed, scales = quantize_nvfp4(x, scale)
+    values = dequantize_nvfp4(packed, scales, scale, dtype=torch.float32)
+    assert torch.equal(values.to(torch.bfloat16).float(), values)
+    # and block scales stay in E4M3's range: the largest block of each row lands in [224, 448]
+    assert scales.float().amax(dim=1).ge(224).all() and scales.float().amax(dim=1).le(448).all()
