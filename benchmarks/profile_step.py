@@ -58,6 +58,8 @@ def profile_engine(engine, make_prompts, precision: str, args: argparse.Namespac
     seeds = iter(range(10**6))
     prof, wall = profiled(lambda: engine.generate(make_prompts(1, args.prefill_tokens, next(seeds)), one))
     out = [f"== prefill {args.prefill_tokens} tokens, {precision}\n{kernel_table(prof, wall, args.top)}"]
+    if args.cpu_top:  # where the host's time goes when the GPU waits for it
+        out[-1] += "\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.cpu_top)
     batch = make_prompts(args.decode_batch, args.decode_context, 7)
     engine.generate(batch, one)  # now cached: the profiled run decodes
     steps = SamplingParams(max_tokens=1 + args.decode_steps, temperature=0, ignore_eos=True)
@@ -76,6 +78,7 @@ def main() -> None:
     p.add_argument("--decode-context", type=int, default=1024)
     p.add_argument("--decode-steps", type=int, default=8)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--cpu-top", type=int, default=0, help="also list the prefill's N ops by host (self CPU) time")
     args = p.parse_args()
     path, _, tmp = model_folder(args, args.device)
     make_prompts = prompt_maker(path)
