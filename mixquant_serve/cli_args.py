@@ -29,6 +29,9 @@ _HELP = {
     "cuda_graph_max_bs": "largest decode batch captured in a CUDA graph (default: --max-running-requests)",
     "overlap_schedule": "launch each decode step before the host reads the previous step's tokens "
                         "(default: on for CUDA, off on CPU)",
+    "enable_mixed_chunk": "decoding requests take their next token inside prompt batches that run in the decode "
+                          "precision (BF16 tails; prefill chunks when --prefill-precision is the decode one) "
+                          "instead of alternating with them (default: on for CUDA, off on CPU)",
     "context_length": "longest prompt + output (default: the model's max_position_embeddings)",
     "bf16_tail_tokens": "Mix-Quant: the last N prompt tokens of each request are computed in the decode precision "
                         "(BF16), on the decode worker when disaggregated, the rest in the prefill precision; "

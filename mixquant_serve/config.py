@@ -160,6 +160,9 @@ class EngineConfig:
     cuda_graph_max_bs: int | None = None
     # launch each decode step before reading the previous one's tokens (None: on for CUDA, off on CPU)
     overlap_schedule: bool | None = None
+    # decode rows ride along prompt batches that run in the decode precision (BF16 tails, and prefill chunks
+    # when the prefill precision is the decode one) instead of alternating with them (None: on for CUDA)
+    enable_mixed_chunk: bool | None = None
     # Mix-Quant: the last N prompt tokens of each request run in the decode precision (on the decode worker
     # when disaggregated); 1 is the last token only, the paper's split; 64 from the sweep in RESULTS.md
     bf16_tail_tokens: int = 64

@@ -76,11 +76,20 @@ def resolve_config(config: EngineConfig) -> tuple[EngineConfig, ModelConfig]:
         "triton" if gpu else "torch_ref")
     running = config.max_running_requests or (256 if gpu else 64)
     overlap = gpu if config.overlap_schedule is None else config.overlap_schedule
+    mixed = gpu if config.enable_mixed_chunk is None else config.enable_mixed_chunk
     return dataclasses.replace(
         config, device=device, dtype=dtype, context_length=ctx, attention_backend=backend, overlap_schedule=overlap,
+        enable_mixed_chunk=mixed,
         max_running_requests=running, chunked_prefill_size=config.chunked_prefill_size or (8192 if gpu else 2048),
         disable_cuda_graph=config.disable_cuda_graph or not gpu,
         cuda_graph_max_bs=min(config.cuda_graph_max_bs or running, running)), mcfg
+
+
+def _mix_phases(cfg: EngineConfig) -> frozenset[Phase]:
+    """The prompt phases that run in the decode precision, which decode rows may join (--enable-mixed-chunk)."""
+    if not cfg.enable_mixed_chunk:
+        return frozenset()
+    return frozenset({Phase.TAIL} if cfg.mixed_precision else {Phase.TAIL, Phase.PREFILL})
 
 
 class Engine:
@@ -94,7 +103,8 @@ class Engine:
         self.runner = ModelRunner(cfg, self.model_config, torch.device(cfg.device), _DTYPES[cfg.dtype])
         self.pool = PagePool(self.runner.storage.num_pages, cfg.page_size)
         self.cache = RadixCache(self.pool) if cfg.enable_prefix_caching else None
-        self.scheduler = Scheduler(self.pool, self.cache, cfg.max_running_requests, cfg.chunked_prefill_size)
+        self.scheduler = Scheduler(self.pool, self.cache, cfg.max_running_requests, cfg.chunked_prefill_size,
+                                   _mix_phases(cfg))
         self.sampler = Sampler()
         self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids)
         self.requests: dict[str, Request] = {}
@@ -110,10 +120,11 @@ class Engine:
                  self.model_config.architecture, cfg.device, cfg.prefill_precision, cfg.decode_precision,
                  self.pool.capacity, cfg.page_size, self.weight_summary())
         log.info("engine settings: attention=%s, chunked prefill %d tokens, up to %d running requests, "
-                 "context %d, decode CUDA graphs %s, overlapped decode %s", cfg.attention_backend,
-                 cfg.chunked_prefill_size, cfg.max_running_requests, cfg.context_length,
+                 "context %d, decode CUDA graphs %s, overlapped decode %s, decode rows mixed into %s",
+                 cfg.attention_backend, cfg.chunked_prefill_size, cfg.max_running_requests, cfg.context_length,
                  "off" if cfg.disable_cuda_graph else f"up to batch {cfg.cuda_graph_max_bs}",
-                 "on" if cfg.overlap_schedule else "off")
+                 "on" if cfg.overlap_schedule else "off",
+                 " and ".join(sorted(f"{p.value} batches" for p in self.scheduler.mix_phases)) or "nothing")
 
     # -- streaming interface ----------------------------------------------------------------------
     def add_request(self, rid: str, prompt_ids: Sequence[int], params: SamplingParams, *,
@@ -182,7 +193,7 @@ class Engine:
             logits = self.runner.forward(batch, precision, None if hook is None else lambda i: hook(batch, i))
             self.scheduler.commit(batch)
             if batch.phase is Phase.PREFILL:
-                self.counters["computed_prefill_tokens"] += batch.num_tokens
+                self.counters["computed_prefill_tokens"] += batch.num_prompt_tokens
             elif batch.phase is Phase.DECODE and self.config.overlap_schedule and all(map(plain_row, batch.reqs)):
                 self._flight = self._launch_sampling(batch, logits)
                 return []

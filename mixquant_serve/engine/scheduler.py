@@ -6,7 +6,10 @@ radix cache). Each step is one phase: a prefill batch (new and continuing chunks
 budget), a tail batch (Mix-Quant's BF16 tail: the last prompt tokens of requests past their prefill
 target, in chunks under the same budget, run in the decode precision) or a decode batch (one token for
 every decoding request). When decode work and prompt work (tail or prefill) both exist the two
-alternate, so long prompts do not stall running streams; tails go before new prefill.
+alternate, so long prompts do not stall running streams; tails go before new prefill. With mixing on
+(`mix_phases`: the prompt phases that run in the decode precision) a prompt batch of such a phase also
+carries one token of every decoding request (its last rows, `num_decode`), under the same token budget,
+so decode streams advance with every chunk instead of waiting for it (SGLang's mixed chunk).
 
 Disaggregation: a request whose KV a prefill worker computes (decode side, `remote_url`) gets pages
 for its whole prompt at admission and then `awaiting_kv` until the transfer ends (kv_ready); a
@@ -42,18 +45,25 @@ class Batch:
     reqs: list[Request]
     lengths: list[int]  # new tokens each request computes this step
     sample: list[bool]  # whether each request samples a token after this step
+    num_decode: int = 0  # the last rows of a prompt batch that are decode steps riding along (mixing)
 
     @property
     def num_tokens(self) -> int:
         return sum(self.lengths)
 
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.num_tokens - self.num_decode
+
 
 class Scheduler:
-    def __init__(self, pool: PagePool, cache: RadixCache | None, max_running: int, token_budget: int) -> None:
+    def __init__(self, pool: PagePool, cache: RadixCache | None, max_running: int, token_budget: int,
+                 mix_phases: frozenset[Phase] = frozenset()) -> None:
         self.pool = pool
         self.cache = cache
         self.max_running = max_running
         self.token_budget = token_budget
+        self.mix_phases = mix_phases
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.last_phase: Phase | None = None
@@ -116,20 +126,39 @@ class Scheduler:
 
     # -- batch selection --------------------------------------------------------------------------
     def next_batch(self) -> Batch | None:
-        decode_first = self.last_phase in (Phase.PREFILL, Phase.TAIL) and any(r.decoding for r in self.running)
+        decoding = sum(r.decoding for r in self.running)
+        # after a prompt batch that could not carry the decode rows, the decode rows go next
+        last = self.last_phase
+        decode_first = last in (Phase.PREFILL, Phase.TAIL) and last not in self.mix_phases and decoding
         # tails first; admission happens while making a prefill batch, and a request admitted with all but
         # its tail cached has no prefill to do, so look for tails again after it
-        prompt = (self._tail_batch, self._prefill_batch, self._tail_batch)
-        makers = (self._decode_batch, *prompt) if decode_first else (*prompt, self._decode_batch)
-        for make in makers:
-            batch = make()
+        tail, prefill = (Phase.TAIL, self._tail_batch), (Phase.PREFILL, self._prefill_batch)
+        decode = (Phase.DECODE, self._decode_batch)
+        makers = (decode, tail, prefill, tail) if decode_first else (tail, prefill, tail, decode)
+        for phase, make in makers:
+            mix = decoding and phase is not Phase.DECODE and phase in self.mix_phases
+            # leave room in the budget for the decode rows a mixed batch carries
+            batch = make(max(1, self.token_budget - decoding)) if mix else make()
             if batch is not None:
                 self.last_phase = batch.phase
-                return batch
+                return self._with_decode_rows(batch) if mix else batch
         return None
 
-    def _prefill_batch(self) -> Batch | None:
-        budget = self.token_budget
+    def _with_decode_rows(self, batch: Batch) -> Batch:
+        """`batch` plus one token of every decoding request (its last rows), pages made for them first."""
+        decode = self._decode_batch()
+        if decode is None:
+            return batch
+        # making room for a decode row may have preempted a newer request of the prompt batch
+        rows = [(r, n, s) for r, n, s in zip(batch.reqs, batch.lengths, batch.sample, strict=True) if r in self.running]
+        if not rows:
+            return decode
+        reqs, lengths, sample = map(list, zip(*rows, strict=True))
+        return Batch(batch.phase, reqs + decode.reqs, lengths + decode.lengths, sample + decode.sample,
+                     num_decode=len(decode.reqs))
+
+    def _prefill_batch(self, budget: int | None = None) -> Batch | None:
+        budget = budget or self.token_budget
         reqs, lengths = [], []
         for req in sorted((r for r in self.running if r.in_prefill and not r.awaiting_kv), key=lambda r: r.age):
             if budget <= 0:
@@ -162,10 +191,10 @@ class Scheduler:
                   for r, n in zip(reqs, lengths, strict=True)]
         return Batch(Phase.PREFILL, reqs, lengths, sample)
 
-    def _tail_batch(self) -> Batch | None:
+    def _tail_batch(self, budget: int | None = None) -> Batch | None:
         """The BF16 tails, oldest first, in chunks under the token budget; a chunk that reaches the newest
         token samples (the first token then comes from the decode precision's logits)."""
-        budget, picked = self.token_budget, {}
+        budget, picked = budget or self.token_budget, {}
         for req in sorted((r for r in self.running if r.in_tail and not r.awaiting_kv), key=lambda r: r.age):
             if budget <= 0:
                 break
@@ -267,7 +296,7 @@ class Scheduler:
     # -- bookkeeping after a forward --------------------------------------------------------------
     def commit(self, batch: Batch) -> None:
         if batch.phase is Phase.TAIL:
-            self.num_tail_tokens += batch.num_tokens
+            self.num_tail_tokens += batch.num_prompt_tokens
         for req, n in zip(batch.reqs, batch.lengths, strict=True):
             req.num_computed += n
             if req.prefill_only and not req.in_prefill:

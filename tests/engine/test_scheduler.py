@@ -43,10 +43,11 @@ def make_req(rid: str, prompt: list[int], max_new: int = 4, *, sample_in_prefill
 class Sim:
     """Drives a Scheduler the way the engine does and checks its invariants after every step."""
 
-    def __init__(self, num_pages: int, *, max_running: int = 8, budget: int = 16, cache: bool = True) -> None:
+    def __init__(self, num_pages: int, *, max_running: int = 8, budget: int = 16, cache: bool = True,
+                 mix: frozenset[Phase] = frozenset()) -> None:
         self.pool = PagePool(num_pages, PS)
         self.cache = RadixCache(self.pool) if cache else None
-        self.sched = Scheduler(self.pool, self.cache, max_running, budget)
+        self.sched = Scheduler(self.pool, self.cache, max_running, budget, mix)
         self.kv: dict[int, tuple[int, ...]] = {}  # slot -> the token prefix whose last token's KV it holds
         self.batches: list[Batch] = []
         self.finished: list[Request] = []
@@ -87,19 +88,28 @@ class Sim:
 
     def check_batch(self, batch: Batch) -> None:
         assert len(set(map(id, batch.reqs))) == len(batch.reqs), "a request twice in one batch"
+        split = len(batch.reqs) - batch.num_decode
+        decode_rows = list(zip(batch.reqs, batch.lengths, batch.sample, strict=True))[split:]
+        prompt_rows = list(zip(batch.reqs, batch.lengths, batch.sample, strict=True))[:split]
+        if batch.num_decode:  # decode rows riding along a prompt batch: decoding requests (all with a page), last
+            assert batch.phase in self.sched.mix_phases and prompt_rows
+            assert {r for r, _, _ in decode_rows} <= {r for r in self.sched.running if r.decoding}
+            assert batch.num_tokens <= max(self.sched.token_budget, batch.num_decode + 1)
+        for r, n, s in decode_rows:
+            assert n == 1 and s and r.num_computed == r.num_tokens - 1
         if batch.phase is Phase.DECODE:
             assert batch.lengths == [1] * len(batch.reqs) and all(batch.sample)
             assert all(r.num_computed == r.num_tokens - 1 for r in batch.reqs)
         elif batch.phase is Phase.TAIL:  # past the prefill target, up to the newest token, which samples
-            assert 0 < batch.num_tokens <= self.sched.token_budget
-            for r, n, s in zip(batch.reqs, batch.lengths, batch.sample, strict=True):
+            assert 0 < batch.num_prompt_tokens <= self.sched.token_budget
+            for r, n, s in prompt_rows:
                 assert not r.sample_in_prefill and not r.output_ids and r.bf16_tail > 1
                 assert n > 0 and r.prefill_target <= r.num_computed and r.num_computed + n <= r.num_tokens
                 assert r.num_computed + n > r.num_tokens - r.bf16_tail
                 assert s == (r.num_computed + n == r.num_tokens)
         else:
-            assert 0 < batch.num_tokens <= self.sched.token_budget
-            for r, n, s in zip(batch.reqs, batch.lengths, batch.sample, strict=True):
+            assert 0 < batch.num_prompt_tokens <= self.sched.token_budget
+            for r, n, s in prompt_rows:
                 assert n > 0 and r.num_computed + n <= r.prefill_target
                 # logits are wanted only where the chunk ends at the newest token (never in Mix-Quant)
                 assert s == (r.num_computed + n == r.num_tokens) and not (s and not r.sample_in_prefill)
@@ -279,6 +289,38 @@ def test_phases_alternate_when_both_kinds_of_work_exist():
     assert long.output_ids == expected_output(long) and short.output_ids == expected_output(short)
 
 
+def test_mixed_chunks_carry_every_decoding_request_under_the_budget():
+    sim = Sim(num_pages=60, budget=8, mix=frozenset({Phase.PREFILL, Phase.TAIL}))
+    short, other = make_req("short", [1, 2, 3], max_new=12), make_req("other", [4, 5], max_new=12)
+    sim.add(short, other)
+    sim.step()  # both prefilled together: now decoding
+    long = make_req("long", list(range(10, 40)), max_new=2)  # 30 tokens: five chunks of 6
+    sim.add(long)
+    batches = [sim.step() for _ in range(5)]
+    assert [(b.phase, b.num_decode, b.num_tokens) for b in batches] == [(Phase.PREFILL, 2, 8)] * 5
+    assert all(b.reqs[:1] == [long] and b.lengths[0] == 6 for b in batches)
+    assert long.output_ids == [expected_output(long)[0]]  # its last chunk sampled its first token
+    sim.run()
+    assert all(r.output_ids == expected_output(r) for r in (short, other, long))
+
+
+def test_mixing_only_joins_the_phases_it_names():
+    sim = Sim(num_pages=60, budget=8, mix=frozenset({Phase.TAIL}))  # Mix-Quant: prefill is another precision
+    a = make_req("a", [1, 2, 3], max_new=12, sample_in_prefill=False, tail=1)
+    sim.add(a)
+    sim.step(), sim.step()  # a: prefill, then its first decode step
+    b = make_req("b", list(range(20, 40)), max_new=2, sample_in_prefill=False, tail=6)
+    sim.add(b)
+    steps = [sim.step() for _ in range(4)]
+    # b's prefill (14 tokens: 8 + 6) alternates with a's decode steps; its tail carries a
+    assert [(s.phase, s.num_decode, s.num_tokens) for s in steps] == [
+        (Phase.PREFILL, 0, 8), (Phase.DECODE, 0, 1), (Phase.PREFILL, 0, 6), (Phase.DECODE, 0, 1)]
+    tail = sim.step()
+    assert (tail.phase, tail.num_decode, tail.reqs) == (Phase.TAIL, 1, [b, a])
+    sim.run()
+    assert a.output_ids == expected_output(a) and b.output_ids == expected_output(b)
+
+
 def test_max_running_requests_is_honoured():
     sim = Sim(num_pages=60, max_running=2)
     reqs = [make_req(f"r{i}", [i + 1] * 5, max_new=3) for i in range(5)]
@@ -378,9 +420,10 @@ def random_prompt(rng: random.Random, prefixes: list[list[int]]) -> list[int]:
     return head + [rng.randrange(1, VOCAB) for _ in range(rng.randrange(1 if not head else 0, 12))]
 
 
+@pytest.mark.parametrize("mix", [False, True])
 @pytest.mark.parametrize("arrivals", ["in_order", "shuffled"])
 @pytest.mark.parametrize("seed", range(10))
-def test_random_workloads_finish_with_a_tiny_pool(seed, arrivals):
+def test_random_workloads_finish_with_a_tiny_pool(seed, arrivals, mix):
     """Random arrivals, lengths, shared prefixes, stop tokens and aborts, on a pool that holds one
     full-length request and a little more. "shuffled" hands out arrival times that disagree with the
     order requests are added in (a waiting request may then be older than running ones)."""
@@ -388,7 +431,7 @@ def test_random_workloads_finish_with_a_tiny_pool(seed, arrivals):
     context = 32
     num_pages = context // PS + 1 + rng.randrange(0, 6)  # room for one full-length request, a little more
     sim = Sim(num_pages, max_running=rng.randint(1, 6), budget=rng.choice([4, 8, 16, 32]),
-              cache=rng.random() < 0.8)
+              cache=rng.random() < 0.8, mix=frozenset({Phase.PREFILL, Phase.TAIL}) if mix else frozenset())
     in_prefill = rng.random() < 0.7
     tails = random.Random(seed + 1000)  # its own stream: the workloads stay those of the seeds before tails
     stop = frozenset({0, 1})
