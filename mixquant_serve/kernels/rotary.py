@@ -76,7 +76,7 @@ def _qkv_rope_kernel(qkv_ptr, q_ptr, k_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, 
         if TO_CACHE:
             slot = tl.load(slot_ptr + tok)
             _store_halves(k_cache_ptr + (slot * NUM_KV_HEADS + head) * (2 * HALF), o1, o2, mask, HALF)
-    else:
+    elif TO_CACHE:
         head = (blk - Q_BLOCKS - KV_BLOCKS) * BLOCK_H + hb
         mask = head < NUM_KV_HEADS
         d = tl.arange(0, 2 * HALF)[None, :]
