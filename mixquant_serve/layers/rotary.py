@@ -1,7 +1,8 @@
 """Rotary position embedding (rotate-half convention of Llama/Qwen), with Llama-3 and linear scaling.
 
 `rotate_qkv` takes the fused qkv projection: on CUDA one Triton kernel (`kernels/rotary.py`) applies the
-optional per-head q/k RMSNorm (Qwen3) and the rotation; elsewhere PyTorch ops do the same arithmetic.
+optional per-head q/k RMSNorm (Qwen3) and the rotation, and stores K/V into the paged cache when the
+attention backend asks for that (a `KVWrite`); elsewhere PyTorch ops do the same arithmetic.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from mixquant_serve.config import ConfigError
+from mixquant_serve.layers.attention.base import KVWrite
 from mixquant_serve.layers.norm import RMSNorm
 
 
@@ -60,24 +62,32 @@ class RotaryEmbedding(nn.Module):
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
     def rotate_qkv(self, positions: torch.Tensor, qkv: torch.Tensor, num_heads: int, num_kv_heads: int,
-                   head_dim: int, qk_norm: tuple[RMSNorm, RMSNorm] | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   head_dim: int, qk_norm: tuple[RMSNorm, RMSNorm] | None = None, kv_write: KVWrite | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``qkv [T, (H + 2*Hkv) * D]`` -> ``q [T, H, D]``, ``k [T, Hkv, D]`` rotated (normed first if
-        ``qk_norm``), and ``v [T, Hkv, D]``."""
+        ``qk_norm``), and ``v [T, Hkv, D]``. With ``kv_write`` k and v are also stored in its cache rows, and k
+        comes back only if ``kv_write.keep_k`` (else None)."""
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
         v = qkv[:, q_size + kv_size :].view(-1, num_kv_heads, head_dim)
         if qkv.is_cuda:
             from mixquant_serve.kernels.rotary import qk_norm_rope
 
             qw, kw, eps = (qk_norm[0].weight, qk_norm[1].weight, qk_norm[0].eps) if qk_norm else (None, None, 0.0)
-            q, k = qk_norm_rope(qkv, num_heads, num_kv_heads, head_dim, positions, self.cos, self.sin, qw, kw, eps)
+            cache = dict(k_cache=kv_write.k_cache, v_cache=kv_write.v_cache, slots=kv_write.slots,
+                         keep_k=kv_write.keep_k) if kv_write else {}
+            q, k = qk_norm_rope(qkv, num_heads, num_kv_heads, head_dim, positions, self.cos, self.sin, qw, kw, eps,
+                                **cache)
             return q, k, v
         q = qkv[:, :q_size].view(-1, num_heads, head_dim)
         k = qkv[:, q_size : q_size + kv_size].view(-1, num_kv_heads, head_dim)
         if qk_norm is not None:
             q, k = qk_norm[0](q), qk_norm[1](k)
         q, k = self(positions, q, k)
-        return q, k, v
+        if kv_write is None:
+            return q, k, v
+        kv_write.k_cache.index_copy_(0, kv_write.slots, k.to(kv_write.k_cache.dtype))
+        kv_write.v_cache.index_copy_(0, kv_write.slots, v.to(kv_write.v_cache.dtype))
+        return q, k if kv_write.keep_k else None, v
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

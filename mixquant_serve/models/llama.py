@@ -37,9 +37,10 @@ class LlamaAttention(nn.Module):
         return None
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        kv_write = self.attn.kv_write()  # None: the attention backend stores the new K/V itself
         q, k, v = self.rotary[0].rotate_qkv(positions, self.qkv_proj(x), self.num_heads, self.num_kv_heads,
-                                            self.head_dim, self.qk_norm())
-        return self.o_proj(self.attn(q, k, v))
+                                            self.head_dim, self.qk_norm(), kv_write)
+        return self.o_proj(self.attn(q, k, v, kv_stored=kv_write is not None))
 
 
 class LlamaMLP(nn.Module):

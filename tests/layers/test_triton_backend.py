@@ -7,11 +7,14 @@ import torch
 from kernels.conftest import DOT_DTYPES  # first: picks Triton's interpreter on CPU before kernels load
 
 from mixquant_serve.config import KVLayout
+from mixquant_serve.kernels.rotary import qk_norm_rope
 from mixquant_serve.kvcache.page_pool import PagePool
 from mixquant_serve.kvcache.storage import KVStorage, dtype_name
 from mixquant_serve.layers.attention.base import SeqSlice, create_attention_backend
 from mixquant_serve.layers.attention.torch_ref import TorchRefBackend
 from mixquant_serve.layers.attention.triton_backend import TritonBackend, TritonMeta
+from mixquant_serve.layers.norm import RMSNorm
+from mixquant_serve.layers.rotary import RotaryEmbedding
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 4, 2, 64, 2
@@ -115,6 +118,58 @@ def test_plan_layout_and_errors():
         pair.tri.load_decode_meta(static, [SeqSlice([1, 2, 3], 8, 1)], 2)
     assert isinstance(create_attention_backend("triton", pair.tri.storage, *([HEADS, KV_HEADS, HEAD_DIM, DEVICE])),
                       TritonBackend)
+
+
+class _Rotate:
+    """q/k norm and rotary of a qkv projection, by the kernel itself or by the rotary layer (PyTorch off CUDA)."""
+
+    def __init__(self, by_kernel: bool, dtype: torch.dtype) -> None:
+        self.by_kernel = by_kernel
+        self.rotary = RotaryEmbedding(HEAD_DIM, 256, 10000.0, None, DEVICE)
+        self.norms = tuple(RMSNorm(HEAD_DIM, 1e-6, dtype).to(DEVICE) for _ in range(2))
+        for n in self.norms:
+            n.weight.data.normal_()
+
+    def __call__(self, qkv, positions, kv_write=None):
+        if not self.by_kernel:
+            return self.rotary.rotate_qkv(positions, qkv, HEADS, KV_HEADS, HEAD_DIM, self.norms, kv_write)
+        cache = {} if kv_write is None else dict(k_cache=kv_write.k_cache, v_cache=kv_write.v_cache,
+                                                 slots=kv_write.slots, keep_k=kv_write.keep_k)
+        q, k = qk_norm_rope(qkv, HEADS, KV_HEADS, HEAD_DIM, positions, self.rotary.cos, self.rotary.sin,
+                            self.norms[0].weight, self.norms[1].weight, 1e-6, **cache)
+        return q, k, qkv[:, (HEADS + KV_HEADS) * HEAD_DIM :].view(-1, KV_HEADS, HEAD_DIM)
+
+
+@pytest.mark.parametrize("by_kernel", [True, False])
+def test_kv_stored_by_the_rotary_equals_kv_stored_by_forward(by_kernel):
+    """kv_write's rows filled while rotating, then forward(kv_stored=True): the same output and cache, bit for bit,
+    as forward storing K/V itself; over prefill (SDPA keeps k), extend, decode and a padded static decode."""
+    dtype = DOT_DTYPES[0]
+    pair = _Pair(dtype, 4, sdpa=True)
+    fused = TritonBackend(KVStorage(pair.tri.storage.layout, 48, DEVICE), HEADS, KV_HEADS, HEAD_DIM, DEVICE,
+                          sdpa_prefill=True)
+    rotate, static = _Rotate(by_kernel, dtype), fused.static_decode_meta(max_batch=4, max_pages=8)
+    steps = ([("a", 9)], [("a", 6), ("b", 5)], [("a", 1), ("b", 1)], [("b", 1), ("a", 1), ("c", 1)])
+    for i, step in enumerate(steps):
+        seqs = pair.seqs(step)
+        plain_meta = pair.tri.plan(seqs)
+        fused_meta = fused.load_decode_meta(static, seqs, 4) if i == len(steps) - 1 else fused.plan(seqs)
+        t = fused_meta.slots.shape[0]
+        positions = torch.zeros(t, dtype=torch.long)
+        positions[: plain_meta.slots.shape[0]] = torch.cat([torch.arange(s.start, s.start + s.length) for s in seqs])
+        for layer in range(LAYERS):
+            qkv = torch.randn(t, (HEADS + 2 * KV_HEADS) * HEAD_DIM, generator=pair.gen).to(dtype).to(DEVICE)
+            n = plain_meta.slots.shape[0]
+            want = pair.tri.forward(layer, *rotate(qkv[:n], positions[:n].to(DEVICE)), plain_meta)
+            kv_write = fused.kv_write(layer, fused_meta)
+            assert kv_write.keep_k == fused_meta.sdpa == (i == 0)
+            q, k, v = rotate(qkv, positions.to(DEVICE), kv_write)
+            assert (k is None) != kv_write.keep_k
+            got = fused.forward(layer, q, k, v, fused_meta, kv_stored=True)
+            assert torch.equal(got[:n], want)
+    for layer in range(LAYERS):  # page 0 takes the padding rows
+        for plain, stored in zip(pair.tri.storage.flat(layer), fused.storage.flat(layer), strict=True):
+            assert torch.equal(stored[4:], plain[4:])
 
 
 @pytest.mark.gpu

@@ -1,7 +1,8 @@
 """The attention-backend interface, its registry, and the Attention layer that models use.
 
 A backend plans a batch once (`plan`), then for each layer writes the new tokens' K/V into the paged
-KV storage and attends over each sequence's whole context (`forward`).
+KV storage and attends over each sequence's whole context (`forward`). A backend may instead hand out a
+layer's cache rows (`kv_write`): the rotary layer stores K/V there as it makes them, and `forward` is told so.
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ class SeqSlice(NamedTuple):
     length: int
 
 
+class KVWrite(NamedTuple):
+    """Where one layer's new K/V go: row ``slots[i]`` of the flat caches ([num_slots, Hkv, D]) for token i."""
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slots: torch.Tensor  # int64 [T]
+    keep_k: bool  # forward still reads k (v is always passed: a view of the projection costs nothing)
+
+
 class AttentionBackend(ABC):
     def __init__(self, storage: KVStorage, num_heads: int, num_kv_heads: int, head_dim: int,
                  device: torch.device) -> None:
@@ -40,8 +50,15 @@ class AttentionBackend(ABC):
         """Per-batch metadata (slot mapping, context layout); built once, used by every layer."""
 
     @abstractmethod
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any) -> torch.Tensor:
-        """q [T, H, D], k/v [T, Hkv, D] of the new tokens -> attention output [T, H*D]."""
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, meta: Any,
+                kv_stored: bool = False) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hkv, D] of the new tokens -> attention output [T, H*D].
+
+        kv_stored: K/V are already where `kv_write` said (k is None unless it asked to keep k)."""
+
+    def kv_write(self, layer: int, meta: Any) -> KVWrite | None:
+        """Where the caller should store this layer's new K/V itself, or None: `forward` stores them."""
+        return None
 
     def static_decode_meta(self, max_batch: int, max_pages: int) -> Any:
         """Preallocated decode metadata for CUDA graphs: up to max_batch rows of up to max_pages pages."""
@@ -70,6 +87,12 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_id = layer_id
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def kv_write(self) -> KVWrite | None:
+        """Where the backend wants this layer's new K/V stored before `forward`, or None."""
         ctx = get_forward_context()
-        return ctx.attn_backend.forward(self.layer_id, q, k, v, ctx.attn_meta)
+        return ctx.attn_backend.kv_write(self.layer_id, ctx.attn_meta)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor,
+                kv_stored: bool = False) -> torch.Tensor:
+        ctx = get_forward_context()
+        return ctx.attn_backend.forward(self.layer_id, q, k, v, ctx.attn_meta, kv_stored)

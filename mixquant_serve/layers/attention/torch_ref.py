@@ -67,11 +67,12 @@ class TorchRefBackend(AttentionBackend):
         valid = torch.arange(max_pages * self.page_size).unsqueeze(0) < ctx_lens.unsqueeze(1)
         return TorchRefMeta(slots, padded.to(self.device), valid[:, None, None, :].to(self.device), [])
 
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: TorchRefMeta) -> torch.Tensor:
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor,
+                meta: TorchRefMeta, kv_stored: bool = False) -> torch.Tensor:
         k_cache, v_cache = self.storage.flat(layer)
-        k_cache[meta.slots] = k.to(k_cache.dtype)
-        v_cache[meta.slots] = v.to(v_cache.dtype)
+        if not kv_stored:
+            k_cache[meta.slots] = k.to(k_cache.dtype)
+            v_cache[meta.slots] = v.to(v_cache.dtype)
         if meta.decode_pages is not None:
             return self._decode(layer, q, meta)
         out = torch.empty(q.shape[0], self.num_heads * self.head_dim, dtype=q.dtype, device=q.device)

@@ -2,8 +2,10 @@
 prefill batches with cached prefixes; a single sequence without a cached prefix may use PyTorch's SDPA.
 
 `plan` builds all host metadata in one int32 buffer (slots are int64 pairs at its head) and copies it to
-the device once. For CUDA graphs, `static_decode_meta` preallocates the decode metadata and
-`load_decode_meta` refills it in place, so a captured decode step replays with new lengths and pages.
+the device once. `kv_write` hands each layer's cache rows to the rotary kernel, which stores the new K/V
+as it makes them (no copy in `forward`). For CUDA graphs, `static_decode_meta` preallocates the decode
+metadata and `load_decode_meta` refills it in place, so a captured decode step replays with new lengths and
+pages.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from mixquant_serve.kernels.decode_attention import decode_attention, default_num_splits
 from mixquant_serve.kernels.extend_attention import default_extend_splits, extend_attention
 from mixquant_serve.kvcache.storage import KVStorage
-from mixquant_serve.layers.attention.base import AttentionBackend, SeqSlice
+from mixquant_serve.layers.attention.base import AttentionBackend, KVWrite, SeqSlice
 
 
 @dataclass
@@ -151,10 +153,16 @@ class TritonBackend(AttentionBackend):
         return TritonMeta(static.slots[:p], static.page_table[:p], static.seq_lens[:p], static.prefix_lens[:p],
                           static.q_start_loc[: p + 1], 1, True, self._num_splits(p), False, static.buf)
 
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: TritonMeta) -> torch.Tensor:
+    def kv_write(self, layer: int, meta: TritonMeta) -> KVWrite:
+        """The new K/V go straight into the cache rows; only the SDPA prefill reads k afterwards."""
+        return KVWrite(*self.storage.flat(layer), meta.slots, keep_k=meta.sdpa)
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, meta: TritonMeta,
+                kv_stored: bool = False) -> torch.Tensor:
         k_cache, v_cache = self.storage.flat(layer)
-        k_cache.index_copy_(0, meta.slots, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, meta.slots, v.to(v_cache.dtype))
+        if not kv_stored:
+            k_cache.index_copy_(0, meta.slots, k.to(k_cache.dtype))
+            v_cache.index_copy_(0, meta.slots, v.to(v_cache.dtype))
         if meta.sdpa:
             return self._sdpa_prefill(q, k, v)
         qc = q.to(k_cache.dtype)
