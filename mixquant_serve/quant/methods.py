@@ -30,6 +30,8 @@ class InputQuant(NamedTuple):
     """How a linear's method wants its input quantized by the layer that produces it, fused there.
 
     ``kind`` names the format; a format with parameters (e.g. a static input scale) adds them as fields.
+    A producer without a fused kernel for the kind (or off CUDA) passes the plain tensor, which every
+    method must still take.
     """
 
     kind: str
@@ -43,7 +45,7 @@ class QuantizedActivation(NamedTuple):
     """A linear's input already quantized by its producer (RMSNorm, GatedAct) as its `InputQuant` asked.
 
     For FP8_PER_TOKEN: ``data [..., K]`` float8_e4m3fn and ``scale [..., 1]`` float32, both contiguous;
-    ``dtype`` is the activation's own (16-bit) dtype, which the linear's output takes.
+    ``dtype`` is the activation's own dtype (e.g. bfloat16), which the linear's output takes.
     """
 
     data: torch.Tensor
