@@ -5,6 +5,9 @@
 Activation quantization (memory-bound): FP8 per token and NVFP4 quantize-dequantize (the exact-emulation
 operand) over the four linear inputs of a layer (qkv/gate_up: hidden 4096; o_proj: 4096; down: 12288),
 as GB/s of bytes read + written against the device-to-device copy bandwidth of this run (target: 70%).
+Fused FP8 producers: RMSNorm + residual add (hidden) and SiLU-mul (intermediate) writing FP8 codes and
+scales, against the same op writing BF16 followed by the standalone FP8 quantization (ms of both, and
+the fused kernel's GB/s).
 GEMMs (arithmetic-bound): BF16 cuBLAS (`torch.mm`), FP8 `torch._scaled_mm` row-wise, and the exact-NVFP4
 designs: the Triton `scaled_mm` over the dequantized BF16 weight (epilogue scales), the Triton GEMM that
 decodes the packed 4.5-bit weight in registers, and cuBLAS BF16 with a float32 output plus a separate
@@ -52,6 +55,27 @@ def quant_rows(t: int) -> list[list]:
     return rows
 
 
+def fused_rows(t: int) -> list[list]:
+    from mixquant_serve.kernels.fp8_quant import fp8_quantize_per_token
+    from mixquant_serve.kernels.rmsnorm import rmsnorm, rmsnorm_fp8
+    from mixquant_serve.kernels.silu_mul import silu_mul, silu_mul_fp8
+
+    x, r = (torch.randn(t, HIDDEN, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    w = torch.randn(HIDDEN, device="cuda", dtype=torch.bfloat16)
+    gate_up = torch.randn(t, 2 * INTER, device="cuda", dtype=torch.bfloat16)
+    cases = [  # name, fused, unfused, bytes the fused kernel reads + writes
+        ("rmsnorm + residual -> fp8", lambda: rmsnorm_fp8(x, w, 1e-6, r),
+         lambda: fp8_quantize_per_token(rmsnorm(x, w, 1e-6, r)[0]), t * HIDDEN * (2 + 2 + 2 + 1) + t * 4),
+        ("silu_mul -> fp8", lambda: silu_mul_fp8(gate_up), lambda: fp8_quantize_per_token(silu_mul(gate_up)),
+         t * INTER * (4 + 1) + t * 4),
+    ]
+    rows = []
+    for name, fused, unfused, nbytes in cases:
+        fused_ms, unfused_ms = bench(fused), bench(unfused)
+        rows.append([t, name, fused_ms, unfused_ms, nbytes / fused_ms / 1e6])
+    return rows
+
+
 def gemm_rows(t: int) -> list[list]:
     return [row for name, (n, k) in GEMMS.items() for row in one_gemm(t, name, n, k)]
 
@@ -93,18 +117,22 @@ def main() -> None:
     torch.manual_seed(0)
     lim = limits("cuda")
     copy_gbs, peak = lim["copy"]["tbps"] * 1000, lim["peak"]["tflops"]
-    quant, gemm = [], []
+    quant, fused, gemm = [], [], []
     for t in (int(x) for x in args.tokens.split(",")):
         quant += quant_rows(t)
+        fused += fused_rows(t)
         gemm += gemm_rows(t)
         print(f"[quant_kernels] {t} tokens done", flush=True)
     q_table = md_table(["tokens", "K", "kernel", "ms", "GB/s", "of copy bandwidth"],
                        [[t, k, n, fmt(ms, 3), fmt(gbs, 0), f"{100 * gbs / copy_gbs:.0f}%"]
                         for t, k, n, ms, gbs in quant])
+    f_table = md_table(["tokens", "op", "fused ms", "unfused ms", "fused GB/s", "of copy bandwidth"],
+                       [[t, n, fmt(f, 3), fmt(u, 3), fmt(gbs, 0), f"{100 * gbs / copy_gbs:.0f}%"]
+                        for t, n, f, u, gbs in fused])
     g_table = md_table(["tokens", "GEMM", "kernel", "ms", "TFLOP/s", "of bf16 peak"],
                        [[t, g, n, fmt(ms, 3), fmt(tf, 0), f"{100 * tf / peak:.0f}%"] for t, g, n, ms, tf in gemm])
     run = {"env": environment("cuda"), "limits": lim}
-    text = f"{env_line(run)}\n\n{q_table}\n\n{g_table}\n"
+    text = f"{env_line(run)}\n\n{q_table}\n\n{f_table}\n\n{g_table}\n"
     print(text)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

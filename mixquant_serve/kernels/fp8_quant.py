@@ -9,7 +9,8 @@ On the GPU the E4M3 rounding is the hardware conversion (``cvt.rn.satfinite`` on
 as torch's cast); in Triton's CPU interpreter, whose conversion does not round to nearest-even, it is done
 in integer arithmetic (``e4m3_round``, also the oracle of the GPU path in the tests). The integer path costs
 about 30 ALU operations an element and made the kernel compute-bound (28% of copy bandwidth on an H200).
-``nvfp4_quant.py`` uses the same switch for its block scales.
+``nvfp4_quant.py`` uses the same switch for its block scales. ``quantize_row_store`` is the per-row
+epilogue that ``rmsnorm.py`` and ``silu_mul.py`` fuse into their kernels (``rmsnorm_fp8``, ``silu_mul_fp8``).
 """
 
 from __future__ import annotations
@@ -104,6 +105,24 @@ def _quantize_store(x, scale, q_ptrs, mask, BLOCK: tl.constexpr, HW: tl.constexp
 
 
 @triton.jit
+def _amax_scale(amax, MIN_AMAX: tl.constexpr):
+    amax = tl.where(amax < MIN_AMAX, MIN_AMAX, amax)  # a comparison, so NaN stays NaN
+    return tl.div_rn(amax, tl.full([], 448.0, tl.float32))
+
+
+@triton.jit
+def quantize_row_store(x, q_ptrs, s_ptr, mask, BLOCK: tl.constexpr, MIN_AMAX: tl.constexpr, HW: tl.constexpr):
+    """Per-token FP8 of one whole row held in registers: codes to ``q_ptrs``, its float32 scale to ``s_ptr``.
+
+    ``x [BLOCK]`` float32, 0 where ``mask`` is False. The epilogue that the fused RMSNorm and SiLU-mul
+    kernels share with ``fp8_quantize_per_token``, so all give the same bits.
+    """
+    scale = _amax_scale(nan_amax(x), MIN_AMAX)
+    tl.store(s_ptr, scale)
+    _quantize_store(x, scale, q_ptrs, mask, BLOCK, HW)
+
+
+@triton.jit
 def _fp8_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr,
                           ONE_CHUNK: tl.constexpr, MIN_AMAX: tl.constexpr, HW: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -111,15 +130,10 @@ def _fp8_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.
     x_row, q_row = x_ptr + row * stride_x, q_ptr + row * stride_q
     if ONE_CHUNK:  # the row stays in registers: one read
         x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
-        amax = nan_amax(x)
+        quantize_row_store(x, q_row + cols, s_ptr + row, cols < K, BLOCK, MIN_AMAX, HW)
     else:
-        amax = _row_amax(x_ptr, row * stride_x, K, BLOCK)
-    amax = tl.where(amax < MIN_AMAX, MIN_AMAX, amax)  # a comparison, so NaN stays NaN
-    scale = tl.div_rn(amax, tl.full([], 448.0, tl.float32))
-    tl.store(s_ptr + row, scale)
-    if ONE_CHUNK:
-        _quantize_store(x, scale, q_row + cols, cols < K, BLOCK, HW)
-    else:
+        scale = _amax_scale(_row_amax(x_ptr, row * stride_x, K, BLOCK), MIN_AMAX)
+        tl.store(s_ptr + row, scale)
         for k0 in range(0, K, BLOCK):
             x = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
             _quantize_store(x, scale, q_row + k0 + cols, k0 + cols < K, BLOCK, HW)

@@ -4,6 +4,10 @@ Numerics follow Hugging Face's (and `layers/norm.py`'s): with a residual, ``s = 
 formed first and written back as the new residual; then float32 statistics over ``s``,
 ``normed = (s * rsqrt(mean(s**2) + eps))`` rounded to the input dtype, and finally ``weight * normed``
 rounded again. Rows of any length up to 64k elements; the last dimension must be contiguous.
+
+``rmsnorm_fp8`` quantizes that rounded output per token to FP8 in the same kernel, with
+``fp8_quant.py``'s epilogue: the bits of ``fp8_quantize_per_token(rmsnorm(...)[0])`` without writing and
+reading back the 16-bit tensor.
 """
 
 from __future__ import annotations
@@ -12,24 +16,31 @@ import torch
 import triton
 import triton.language as tl
 
+from mixquant_serve.kernels.fp8_quant import MIN_AMAX, check_triton_device, hardware_cast, quantize_row_store
+
 
 @triton.jit
-def _rmsnorm_kernel(x_ptr, res_ptr, out_ptr, res_out_ptr, w_ptr, n_cols, x_stride, res_stride, out_stride,
-                    eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+def _rmsnorm_kernel(x_ptr, res_ptr, out_ptr, res_out_ptr, w_ptr, s_ptr, n_cols, x_stride, res_stride, eps,
+                    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, FP8: tl.constexpr, MIN_AMAX: tl.constexpr,
+                    HW: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    out_off = row * n_cols + cols  # out (y, or its FP8 codes) and res_out are contiguous [T, n_cols]
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
     if HAS_RES:
         r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
-        tl.store(res_out_ptr + row * out_stride + cols, x, mask=mask)
+        tl.store(res_out_ptr + out_off, x, mask=mask)
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / n_cols
     normed = (xf * tl.math.rsqrt(var + eps)).to(x.dtype)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    y = (w.to(tl.float32) * normed.to(tl.float32)).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + row * out_stride + cols, y, mask=mask)
+    y = (w.to(tl.float32) * normed.to(tl.float32)).to(x.dtype)
+    if FP8:
+        quantize_row_store(y.to(tl.float32), out_ptr + out_off, s_ptr + row, mask, BLOCK, MIN_AMAX, HW)
+    else:
+        tl.store(out_ptr + out_off, y, mask=mask)
 
 
 def _rows(t: torch.Tensor, name: str, n: int) -> torch.Tensor:
@@ -41,12 +52,7 @@ def _rows(t: torch.Tensor, name: str, n: int) -> torch.Tensor:
     return rows
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-            residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(weight * norm(x + residual), x + residual)``; the second item is None without a residual.
-
-    ``x [..., N]`` and ``residual`` (same shape and dtype) are not modified; the outputs are new tensors.
-    """
+def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> None:
     n = x.shape[-1]
     if weight.shape != (n,):
         raise ValueError(f"weight {tuple(weight.shape)} does not fit rows of {n}")
@@ -55,14 +61,47 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
                          f"{tuple(x.shape)} {x.dtype}")
     if weight.device != x.device or (residual is not None and residual.device != x.device):
         raise ValueError("x, weight and residual must be on one device")
+    check_triton_device(x)
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
+            fp8: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(out [T, N], res_out [T, N] or None, scale [T, 1] or None)``; with fp8, out holds the codes (uint8)."""
+    _check(x, weight, residual)
+    n = x.shape[-1]
     rows = _rows(x, "x", n)
     res = _rows(residual, "residual", n) if residual is not None else rows
-    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-    res_out = torch.empty_like(out) if residual is not None else out
+    t = rows.shape[0]
+    out = torch.empty(t, n, dtype=torch.uint8 if fp8 else x.dtype, device=x.device)
+    res_out = torch.empty(t, n, dtype=x.dtype, device=x.device) if residual is not None else None
+    scale = torch.empty(t, 1, dtype=torch.float32, device=x.device) if fp8 else None
     block = triton.next_power_of_2(n)
-    if rows.shape[0]:
-        _rmsnorm_kernel[(rows.shape[0],)](rows, res, out, res_out, weight, n, rows.stride(0), res.stride(0),
-                                          out.stride(0), eps, HAS_RES=residual is not None, BLOCK=block,
-                                          num_warps=min(16, max(1, block // 256)))
-    out = out.view(x.shape)
-    return out, (res_out.view(x.shape) if residual is not None else None)
+    if t:  # unused pointers get `out`
+        _rmsnorm_kernel[(t,)](rows, res, out, out if res_out is None else res_out, weight,
+                              out if scale is None else scale, n, rows.stride(0), res.stride(0), eps,
+                              HAS_RES=residual is not None, BLOCK=block, FP8=fp8, MIN_AMAX=MIN_AMAX,
+                              HW=hardware_cast(x), num_warps=min(16, max(1, block // 256)))
+    return out, res_out, scale
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+            residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight * norm(x + residual), x + residual)``; the second item is None without a residual.
+
+    ``x [..., N]`` and ``residual`` (same shape and dtype) are not modified; the outputs are new tensors.
+    """
+    out, res_out, _ = _launch(x, weight, eps, residual, fp8=False)
+    return out.view(x.shape), (res_out.view(x.shape) if res_out is not None else None)
+
+
+def rmsnorm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``rmsnorm`` quantized per token: ``(x_fp8 [..., N] float8_e4m3fn, scale [..., 1] float32, residual)``.
+
+    The codes and scales are those of ``fp8_quantize_per_token`` on ``rmsnorm``'s output, bit for bit;
+    the residual is as ``rmsnorm`` returns it.
+    """
+    q, res_out, scale = _launch(x, weight, eps, residual, fp8=True)
+    lead = x.shape[:-1]
+    return (q.view(torch.float8_e4m3fn).view(x.shape), scale.view(*lead, 1),
+            res_out.view(x.shape) if res_out is not None else None)

@@ -1,4 +1,5 @@
-"""Gated activation of the MLP: act(gate) * up over a merged [.., 2*I] projection (SiLU on CUDA: one kernel)."""
+"""Gated activation of the MLP: act(gate) * up over a merged [.., 2*I] projection (SiLU on CUDA: one kernel,
+which also quantizes its output when the next linear's `input_quant` asks for FP8 per token)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixquant_serve.config import ConfigError
+from mixquant_serve.quant.methods import FP8_PER_TOKEN, InputQuant, QuantizedActivation
 
 _ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -19,10 +21,14 @@ class GatedAct(nn.Module):
         self.act = _ACTS[name]
         self.name = name
 
-    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+    def forward(self, gate_up: torch.Tensor, quant: InputQuant | None = None
+                ) -> torch.Tensor | QuantizedActivation:
+        """``act(gate) * up``; quantized as `quant` asks when a CUDA kernel does it (else the plain tensor)."""
         if gate_up.is_cuda and self.name == "silu":
-            from mixquant_serve.kernels.silu_mul import silu_mul
+            from mixquant_serve.kernels.silu_mul import silu_mul, silu_mul_fp8
 
+            if quant == FP8_PER_TOKEN:
+                return QuantizedActivation(*silu_mul_fp8(gate_up), gate_up.dtype)
             return silu_mul(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         return self.act(gate) * up

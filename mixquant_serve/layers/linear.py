@@ -1,7 +1,8 @@
 """Linear layers with column-/row-parallel shapes (tensor parallelism of size 1 for now).
 
 Each layer holds one quantization method and parameter module per precision in use; `forward` applies
-the one the forward context names. The bias (if any) is shared across precisions.
+the one the forward context names. The bias (if any) is shared across precisions. `input_quant` tells the
+layer before what input the method takes pre-quantized (e.g. FP8 per token from a fused RMSNorm).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from mixquant_serve.layers.forward_context import get_forward_context
-from mixquant_serve.quant.methods import QuantMethod, Shard, create_quant_method
+from mixquant_serve.quant.methods import InputQuant, QuantizedActivation, QuantMethod, Shard, create_quant_method
 
 
 class LinearBase(nn.Module):
@@ -52,7 +53,13 @@ class LinearBase(nn.Module):
     def weight_bytes(self) -> dict[str, int]:
         return {p: m.weight_bytes(self.impls[p]) for p, m in self.methods.items()}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def input_quant(self) -> InputQuant | None:
+        """How the current precision's method wants this layer's input quantized by the layer that produces
+        it (None: a plain tensor). The producer fuses it on CUDA and passes the plain tensor elsewhere."""
+        p = get_forward_context().precision
+        return self.methods[p].input_quant(self.impls[p])
+
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
         p = get_forward_context().precision
         return self.methods[p].apply(self.impls[p], x, self.bias)
 

@@ -1,13 +1,16 @@
 """RMSNorm, computed as Hugging Face does (float32 statistics, weight applied in the input dtype).
 
 On CUDA one Triton kernel (`kernels/rmsnorm.py`) does the whole norm, and `add_norm` folds the residual add
-of the decoder layer into it; elsewhere the same arithmetic runs as PyTorch ops.
+of the decoder layer into it; elsewhere the same arithmetic runs as PyTorch ops. Given the next linear's
+`input_quant`, the CUDA kernel also quantizes its output (FP8 per token) and returns a QuantizedActivation.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from mixquant_serve.quant.methods import FP8_PER_TOKEN, InputQuant, QuantizedActivation
 
 
 class RMSNorm(nn.Module):
@@ -16,21 +19,28 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, quant: InputQuant | None = None) -> torch.Tensor | QuantizedActivation:
+        """``norm(x)``; quantized as `quant` asks when this runs on CUDA (else the plain tensor)."""
         if x.is_cuda:
-            from mixquant_serve.kernels.rmsnorm import rmsnorm
-
-            return rmsnorm(x, self.weight, self.eps)[0]
+            return self._kernel(x, None, quant)[0]
         return self._eager(x)
 
-    def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor, quant: InputQuant | None = None
+                 ) -> tuple[torch.Tensor | QuantizedActivation, torch.Tensor]:
         """``(norm(x + residual), x + residual)``: the decoder layer's residual add and the next norm."""
         if x.is_cuda:
-            from mixquant_serve.kernels.rmsnorm import rmsnorm
-
-            return rmsnorm(x, self.weight, self.eps, residual)
+            return self._kernel(x, residual, quant)
         total = x + residual
         return self._eager(total), total
+
+    def _kernel(self, x: torch.Tensor, residual: torch.Tensor | None, quant: InputQuant | None
+                ) -> tuple[torch.Tensor | QuantizedActivation, torch.Tensor | None]:
+        from mixquant_serve.kernels.rmsnorm import rmsnorm, rmsnorm_fp8
+
+        if quant == FP8_PER_TOKEN:
+            q, scale, total = rmsnorm_fp8(x, self.weight, self.eps, residual)
+            return QuantizedActivation(q, scale, x.dtype), total
+        return rmsnorm(x, self.weight, self.eps, residual)
 
     def _eager(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

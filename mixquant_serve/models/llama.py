@@ -19,6 +19,7 @@ from mixquant_serve.layers.forward_context import get_forward_context
 from mixquant_serve.layers.linear import MergedColumnLinear, QKVLinear, RowLinear
 from mixquant_serve.layers.norm import RMSNorm
 from mixquant_serve.layers.rotary import RotaryEmbedding
+from mixquant_serve.quant.methods import QuantizedActivation
 
 
 class LlamaAttention(nn.Module):
@@ -52,8 +53,8 @@ class LlamaMLP(nn.Module):
         self.act = GatedAct(cfg.hidden_act)
         self.down_proj = RowLinear(inter, cfg.hidden_size, False, precisions, dtype, device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x), self.down_proj.input_quant()))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -69,13 +70,17 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the MLP's output and the residual stream; the next layer's norm adds them."""
+        """Returns the MLP's output and the residual stream; the next layer's norm adds them.
+
+        Each norm hands the linear after it its input in the form that linear asks for (`input_quant`).
+        """
+        qkv_quant = self.self_attn.qkv_proj.input_quant()
         if residual is None:
-            h, residual = self.input_layernorm(x), x
+            h, residual = self.input_layernorm(x, qkv_quant), x
         else:
-            h, residual = self.input_layernorm.add_norm(x, residual)
+            h, residual = self.input_layernorm.add_norm(x, residual, qkv_quant)
         h = self.self_attn(positions, h)
-        h, residual = self.post_attention_layernorm.add_norm(h, residual)
+        h, residual = self.post_attention_layernorm.add_norm(h, residual, self.mlp.gate_up_proj.input_quant())
         return self.mlp(h), residual
 
 

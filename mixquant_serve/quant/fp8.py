@@ -4,6 +4,8 @@ Scales are float32 and multiply to dequantize: ``value = fp8 * scale`` with ``sc
 ``fp8_linear`` runs ``torch._scaled_mm`` with row-wise scales (CPU and CUDA); on CUDA it needs K and
 N to be multiples of 16, and the activation is quantized by one Triton kernel
 (``kernels/fp8_quant.py``, bit-identical to ``quantize_fp8_per_token``) instead of a chain of eager ops.
+``fp8_scaled_mm`` is the GEMM alone, for an activation that its producer quantized (the fused RMSNorm and
+SiLU-mul kernels).
 ``fp8_linear_reference`` is the same math in plain float32 for tests.
 """
 
@@ -72,11 +74,9 @@ def fp8_linear(
 ) -> torch.Tensor:
     """``x [..., K] @ W^T (+ bias)`` with ``W = w_fp8 [N, K] * w_scale [N, 1]``; returns ``[..., N]``.
 
-    ``x`` is quantized per token at run time. ``torch._scaled_mm`` wants the first operand row-major,
-    the second column-major (``w_fp8.T`` of a contiguous weight), and row-wise float32 scales of shapes
-    ``[T, 1]`` and ``[1, N]``, both contiguous. With a bias the GEMM writes float32 and the bias is added
-    before the cast (CUDA refuses a fused bias with float32 output). ``out_dtype`` defaults to the dtype
-    of ``x``. On a CPU torch whose ``_scaled_mm`` lacks row-wise scales it runs ``fp8_linear_reference``.
+    ``x`` is quantized per token at run time, then multiplied by ``fp8_scaled_mm``. ``out_dtype``
+    defaults to the dtype of ``x``. On a CPU torch whose ``_scaled_mm`` lacks row-wise scales it runs
+    ``fp8_linear_reference``.
     """
     _check_linear(x, w_fp8, w_scale)
     out_dtype = out_dtype or x.dtype
@@ -87,16 +87,47 @@ def fp8_linear(
     if x.device.type == "cpu" and not _cpu_rowwise_scaled_mm():
         return fp8_linear_reference(x, w_fp8, w_scale, bias, out_dtype)
     x_fp8, x_scale = _quantize_activation(rows)
-    out = torch._scaled_mm(
-        x_fp8.contiguous(),
-        w_fp8.contiguous().T,
-        scale_a=x_scale.contiguous(),
-        scale_b=w_scale.float().reshape(1, n).contiguous(),
-        out_dtype=out_dtype if bias is None else torch.float32,
-    )
-    if bias is not None:
-        out = (out + bias.float()).to(out_dtype)
-    return out.reshape(*x.shape[:-1], n)
+    return fp8_scaled_mm(x_fp8, x_scale, w_fp8, w_scale, bias, out_dtype).reshape(*x.shape[:-1], n)
+
+
+@torch.no_grad()
+def fp8_scaled_mm(
+    x_fp8: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``(x_fp8 [..., K] * x_scale [..., 1]) @ W^T (+ bias)``: ``fp8_linear`` of an activation already
+    quantized per token (by ``fp8_linear`` itself, or by a fused RMSNorm / SiLU-mul kernel).
+
+    ``torch._scaled_mm`` wants the first operand row-major, the second column-major (``w_fp8.T`` of a
+    contiguous weight), and row-wise float32 scales of shapes ``[T, 1]`` and ``[1, N]``, both contiguous.
+    With a bias the GEMM writes float32 and the bias is added before the cast (CUDA refuses a fused bias
+    with float32 output).
+    """
+    _check_linear(x_fp8, w_fp8, w_scale)
+    if x_fp8.dtype != FP8_DTYPE or x_scale.dtype != torch.float32 or x_scale.shape != (*x_fp8.shape[:-1], 1):
+        raise ValueError(f"want float8_e4m3fn codes [..., K] and float32 scales [..., 1], got {x_fp8.dtype} "
+                         f"{tuple(x_fp8.shape)} and {x_scale.dtype} {tuple(x_scale.shape)}")
+    n = w_fp8.shape[0]
+    rows, scales = x_fp8.reshape(-1, x_fp8.shape[-1]), x_scale.reshape(-1, 1)
+    if rows.shape[0] == 0:
+        out = torch.empty(0, n, dtype=out_dtype, device=x_fp8.device)
+    elif x_fp8.device.type == "cpu" and not _cpu_rowwise_scaled_mm():
+        out = _dequantized_mm(rows, scales, w_fp8, w_scale, bias, out_dtype)
+    else:
+        out = torch._scaled_mm(
+            rows.contiguous(),
+            w_fp8.contiguous().T,
+            scale_a=scales.contiguous(),
+            scale_b=w_scale.float().reshape(1, n).contiguous(),
+            out_dtype=out_dtype if bias is None else torch.float32,
+        )
+        if bias is not None:
+            out = (out + bias.float()).to(out_dtype)
+    return out.reshape(*x_fp8.shape[:-1], n)
 
 
 def _quantize_activation(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +163,12 @@ def fp8_linear_reference(
     """``fp8_linear`` in plain PyTorch: dequantize both operands, float32 matmul, bias, cast."""
     _check_linear(x, w_fp8, w_scale)
     x_fp8, x_scale = quantize_fp8_per_token(x)
+    return _dequantized_mm(x_fp8, x_scale, w_fp8, w_scale, bias, out_dtype or x.dtype)
+
+
+def _dequantized_mm(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
+                    bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     out = (x_fp8.float() * x_scale) @ (w_fp8.float() * w_scale.float()[:, None]).T
     if bias is not None:
         out = out + bias.float()
-    return out.to(out_dtype or x.dtype)
+    return out.to(out_dtype)

@@ -2,7 +2,8 @@
 
 The BF16 weight is quantized at load time, one shard at a time (per-channel scales make a merged layer
 the same as its parts). The GEMM is ``fp8_linear`` (``torch._scaled_mm`` with row-wise scales): the
-fast prefill precision on Hopper, which has FP8 but no FP4 tensor cores.
+fast prefill precision on Hopper, which has FP8 but no FP4 tensor cores. On CUDA the layer before
+(RMSNorm, GatedAct) quantizes the input in its own kernel when the linear asks (`input_quant`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from mixquant_serve.quant.fp8 import FP8_DTYPE, fp8_linear, quantize_fp8_per_channel
-from mixquant_serve.quant.methods import QuantMethod, Shard
+from mixquant_serve.quant.fp8 import FP8_DTYPE, fp8_linear, fp8_scaled_mm, quantize_fp8_per_channel
+from mixquant_serve.quant.methods import FP8_PER_TOKEN, InputQuant, QuantizedActivation, QuantMethod, Shard
 
 if TYPE_CHECKING:
     from mixquant_serve.layers.linear import LinearBase
@@ -54,5 +55,11 @@ class FP8Method(QuantMethod):
             return [] if impl.loaded else ["weight"]
         return [f"weight[{i}]" for i in range(len(layer.output_sizes)) if i not in impl.loaded]
 
-    def apply(self, impl: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def input_quant(self, impl: nn.Module) -> InputQuant:
+        return FP8_PER_TOKEN
+
+    def apply(self, impl: nn.Module, x: torch.Tensor | QuantizedActivation,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(x, QuantizedActivation):
+            return fp8_scaled_mm(x.data, x.scale, impl.weight, impl.weight_scale, bias, x.dtype)
         return fp8_linear(x, impl.weight, impl.weight_scale, bias, out_dtype=x.dtype)

@@ -26,6 +26,33 @@ class Shard(NamedTuple):
     size: int
 
 
+class InputQuant(NamedTuple):
+    """How a linear's method wants its input quantized by the layer that produces it, fused there.
+
+    ``kind`` names the format; a format with parameters (e.g. a static input scale) adds them as fields.
+    A producer without a fused kernel for the kind (or off CUDA) passes the plain tensor, which every
+    method must still take.
+    """
+
+    kind: str
+
+
+# E4M3 codes and float32 scales per token, as kernels/fp8_quant.py's fp8_quantize_per_token gives them
+FP8_PER_TOKEN = InputQuant("fp8_per_token")
+
+
+class QuantizedActivation(NamedTuple):
+    """A linear's input already quantized by its producer (RMSNorm, GatedAct) as its `InputQuant` asked.
+
+    For FP8_PER_TOKEN: ``data [..., K]`` float8_e4m3fn and ``scale [..., 1]`` float32, both contiguous;
+    ``dtype`` is the activation's own dtype (e.g. bfloat16), which the linear's output takes.
+    """
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+
 class QuantMethod(ABC):
     precision: str
 
@@ -51,8 +78,16 @@ class QuantMethod(ABC):
         return None
 
     @abstractmethod
-    def apply(self, impl: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """y = x @ W^T (+ bias) for x of shape [T, in_features]."""
+    def apply(self, impl: nn.Module, x: torch.Tensor | QuantizedActivation,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        """y = x @ W^T (+ bias) for x of shape [T, in_features].
+
+        x is a QuantizedActivation only if `input_quant` asked for one (and the producer could fuse it).
+        """
+
+    def input_quant(self, impl: nn.Module) -> InputQuant | None:
+        """The input this method would take quantized from the layer before (on CUDA), or None: plain x."""
+        return None
 
     def weight_bytes(self, impl: nn.Module) -> int:
         """Bytes of the weights in their stored format (packed data and scales for a quantized method)."""

@@ -1,4 +1,5 @@
-"""kernels/rmsnorm.py against the eager RMSNorm layer (Hugging Face's numerics)."""
+"""kernels/rmsnorm.py against the eager RMSNorm layer (Hugging Face's numerics); its FP8 epilogue against
+the norm followed by ``fp8_quantize_per_token``, bit for bit."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 from conftest import DOT_DTYPES, ON_GPU
 
-from mixquant_serve.kernels.rmsnorm import rmsnorm
+from mixquant_serve.kernels.fp8_quant import fp8_quantize_per_token
+from mixquant_serve.kernels.rmsnorm import rmsnorm, rmsnorm_fp8
 from mixquant_serve.layers.norm import RMSNorm
 
 
@@ -54,3 +56,42 @@ def test_refuses_mismatched_shapes(device):
         rmsnorm(torch.randn(2, 16, device=device), w, 1e-6)
     with pytest.raises(ValueError, match="residual"):
         rmsnorm(torch.randn(2, 8, device=device), w, 1e-6, residual=torch.randn(3, 8, device=device))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES)
+@pytest.mark.parametrize("t, n", [(5, 4096), (3, 12288), (7, 200), (1, 64)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fp8_epilogue_equals_norm_then_quantize(device, dtype, t, n, with_residual):
+    gen = torch.Generator().manual_seed(n + t)
+    norm = _layer(n, dtype, device)
+    # rows of very different magnitudes (within float16)
+    mag = torch.exp(3 * torch.randn(t, 1, generator=gen)).clamp(1e-3, 1e3)
+    x = (torch.randn(t, n, generator=gen) * mag).to(dtype).to(device)
+    r = torch.randn(t, n, generator=gen).to(dtype).to(device) if with_residual else None
+    q, scale, res = rmsnorm_fp8(x, norm.weight, norm.eps, residual=r)
+    y, want_res = rmsnorm(x, norm.weight, norm.eps, residual=r)
+    want_q, want_scale = fp8_quantize_per_token(y)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == (t, n) and q.is_contiguous()
+    assert scale.dtype == torch.float32 and scale.shape == (t, 1) and scale.is_contiguous()
+    assert torch.equal(_bits(q), _bits(want_q)) and torch.equal(_bits(scale), _bits(want_scale))
+    assert (res is None) == (r is None) and (r is None or torch.equal(res, want_res))
+
+
+def test_fp8_epilogue_keeps_leading_dims_and_strides(device):
+    gen = torch.Generator().manual_seed(5)
+    norm = _layer(96, torch.float16, device)
+    wide = (torch.randn(2, 3, 160, generator=gen) * 4).half().to(device)
+    x, r = wide[..., :96], torch.randn(2, 3, 96, generator=gen).half().to(device)
+    q, scale, res = rmsnorm_fp8(x, norm.weight, norm.eps, residual=r)
+    assert q.shape == (2, 3, 96) and scale.shape == (2, 3, 1) and res.shape == (2, 3, 96)
+    y, want_res = rmsnorm(x.contiguous(), norm.weight, norm.eps, residual=r)
+    want_q, want_scale = fp8_quantize_per_token(y.reshape(6, 96))
+    assert torch.equal(_bits(q.reshape(6, 96)), _bits(want_q)) and torch.equal(_bits(scale.reshape(6, 1)),
+                                                                               _bits(want_scale))
+    assert torch.equal(res, want_res)
+    q0, s0, res0 = rmsnorm_fp8(torch.empty(0, 96, dtype=torch.float16, device=device), norm.weight, norm.eps)
+    assert q0.shape == (0, 96) and s0.shape == (0, 1) and res0 is None

@@ -1,4 +1,5 @@
-"""kernels/silu_mul.py against the eager gated activation."""
+"""kernels/silu_mul.py against the eager gated activation; its FP8 epilogue against silu_mul followed by
+``fp8_quantize_per_token``, bit for bit."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 from conftest import DOT_DTYPES
 
-from mixquant_serve.kernels.silu_mul import silu_mul
+from mixquant_serve.kernels.fp8_quant import fp8_quantize_per_token
+from mixquant_serve.kernels.silu_mul import silu_mul, silu_mul_fp8
 from mixquant_serve.layers.activation import GatedAct
 
 
@@ -25,3 +27,35 @@ def test_matches_eager(device, dtype, inter):
 def test_refuses_odd_width(device):
     with pytest.raises(ValueError, match="even"):
         silu_mul(torch.randn(2, 7, device=device))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES)
+@pytest.mark.parametrize("t, inter", [(3, 12288), (5, 4096), (7, 1500), (1, 8)])
+def test_fp8_epilogue_equals_silu_mul_then_quantize(device, dtype, t, inter):
+    gen = torch.Generator().manual_seed(inter + t)
+    # rows of very different magnitudes (products within float16); the first so small that it underflows
+    # to the amax floor in float16
+    mag = torch.exp(torch.randn(t, 1, generator=gen)).clamp(0.05, 20)
+    mag[0] = 1e-5
+    x = (torch.randn(t, 2 * inter, generator=gen) * mag).to(dtype).to(device)
+    q, scale = silu_mul_fp8(x)
+    want_q, want_scale = fp8_quantize_per_token(silu_mul(x))
+    assert q.dtype == torch.float8_e4m3fn and q.shape == (t, inter) and q.is_contiguous()
+    assert scale.dtype == torch.float32 and scale.shape == (t, 1) and scale.is_contiguous()
+    assert torch.equal(_bits(q), _bits(want_q)) and torch.equal(_bits(scale), _bits(want_scale))
+
+
+def test_fp8_epilogue_keeps_leading_dims_and_strides(device):
+    wide = torch.randn(2, 3, 80, generator=torch.Generator().manual_seed(2)).half().to(device) * 3
+    x = wide[..., :64]  # row stride 80
+    q, scale = silu_mul_fp8(x)
+    assert q.shape == (2, 3, 32) and scale.shape == (2, 3, 1)
+    want_q, want_scale = fp8_quantize_per_token(silu_mul(x).reshape(6, 32))
+    assert torch.equal(_bits(q.reshape(6, 32)), _bits(want_q))
+    assert torch.equal(_bits(scale.reshape(6, 1)), _bits(want_scale))
+    with pytest.raises(ValueError, match="even"):
+        silu_mul_fp8(torch.randn(2, 7, device=device))

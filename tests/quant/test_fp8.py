@@ -10,6 +10,7 @@ from mixquant_serve.quant.fp8 import (
     FP8_DTYPE,
     fp8_linear,
     fp8_linear_reference,
+    fp8_scaled_mm,
     quantize_fp8_per_channel,
     quantize_fp8_per_token,
 )
@@ -106,6 +107,22 @@ def test_linear_empty_batch_and_bad_shapes(weight):
         fp8_linear(torch.randn(2, 64), w_fp8, w_scale)
     with pytest.raises(ValueError):
         fp8_linear(torch.randn(2, 128), w_fp8, w_scale[:5])
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_scaled_mm_of_a_quantized_input_is_fp8_linear(weight, with_bias):
+    """The GEMM alone, on an activation its producer quantized ([..., K] codes, [..., 1] scales)."""
+    _, w_fp8, w_scale, bias = weight
+    x = _spread(2 * 5, 128, seed=9, dtype=torch.bfloat16).reshape(2, 5, 128)
+    b = bias if with_bias else None
+    x_fp8, x_scale = quantize_fp8_per_token(x)
+    out = fp8_scaled_mm(x_fp8, x_scale, w_fp8, w_scale, b, torch.bfloat16)
+    assert out.shape == (2, 5, 48) and torch.equal(out, fp8_linear(x, w_fp8, w_scale, b, torch.bfloat16))
+    assert fp8_scaled_mm(x_fp8[:0], x_scale[:0], w_fp8, w_scale, b, torch.bfloat16).shape == (0, 5, 48)
+    with pytest.raises(ValueError, match="scales"):
+        fp8_scaled_mm(x_fp8, x_scale.double(), w_fp8, w_scale, b, torch.bfloat16)
+    with pytest.raises(ValueError, match="codes"):
+        fp8_scaled_mm(x, x_scale, w_fp8, w_scale, b, torch.bfloat16)
 
 
 @pytest.mark.gpu

@@ -8,9 +8,9 @@ import torch
 
 from mixquant_serve.layers.forward_context import ForwardContext, forward_context
 from mixquant_serve.layers.linear import LinearBase
-from mixquant_serve.quant.fp8 import fp8_linear, quantize_fp8_per_channel
+from mixquant_serve.quant.fp8 import fp8_linear, quantize_fp8_per_channel, quantize_fp8_per_token
 from mixquant_serve.quant.fp8_method import FP8Method
-from mixquant_serve.quant.methods import Unquantized, create_quant_method
+from mixquant_serve.quant.methods import FP8_PER_TOKEN, QuantizedActivation, Unquantized, create_quant_method
 from mixquant_serve.quant.nvfp4 import (
     fake_quantize_nvfp4,
     nvfp4_global_scale,
@@ -166,6 +166,23 @@ def test_fp8_method_matches_fp8_linear():
     # and it is a quantization of the BF16 layer, not something else
     ref = _run(layer, "bf16", x).float()
     assert (_run(layer, "fp8", x).float() - ref).norm() / ref.norm() < 0.06
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fp8_asks_for_and_takes_an_input_quantized_by_its_producer(with_bias):
+    layer = _merged(("bf16", "fp8", "nvfp4"), dtype=torch.bfloat16, bias=with_bias)
+    _load_shards(layer, _weight(7))
+    if with_bias:
+        layer.load("bias", torch.randn(sum(SIZES), generator=torch.Generator().manual_seed(8)).bfloat16())
+    wants = {}
+    for p in ("bf16", "fp8", "nvfp4"):
+        with forward_context(ForwardContext(p, None, None)):
+            wants[p] = layer.input_quant()
+    assert wants == {"bf16": None, "fp8": FP8_PER_TOKEN, "nvfp4": None}
+    x = torch.randn(2, 5, K, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    quantized = QuantizedActivation(*quantize_fp8_per_token(x), x.dtype)
+    out = _run(layer, "fp8", quantized)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, _run(layer, "fp8", x))
 
 
 def test_fp8_missing_shard():
