@@ -9,9 +9,11 @@ Fused FP8 producers: RMSNorm + residual add (hidden) and SiLU-mul (intermediate)
 scales, against the same op writing BF16 followed by the standalone FP8 quantization (ms of both, and
 the fused kernel's GB/s).
 GEMMs (arithmetic-bound): BF16 cuBLAS (`torch.mm`), FP8 `torch._scaled_mm` row-wise, and the exact-NVFP4
-designs: the Triton `scaled_mm` over the dequantized BF16 weight (epilogue scales), the Triton GEMM that
-decodes the packed 4.5-bit weight in registers, and cuBLAS BF16 with a float32 output plus a separate
-scaling pass (the obvious alternative), in TFLOP/s against the BF16 peak of this run.
+designs: cuBLAS BF16 on the dequantized weight with the activation's power-of-two scale folded into its
+operand and the weight's global scale as alpha (the engine's choice when a weight has one global scale),
+the Triton `scaled_mm` over the dequantized BF16 weight (epilogue scales per row and channel), the Triton
+GEMM that decodes the packed 4.5-bit weight in registers, and cuBLAS BF16 with a float32 output plus a
+separate scaling pass, in TFLOP/s against the BF16 peak of this run.
 Timing: CUDA events, medians (triton.testing.do_bench); fresh random inputs, never zeros.
 """
 
@@ -49,9 +51,12 @@ def quant_rows(t: int) -> list[list]:
         fp8_ms = bench(lambda x=x: fp8_quantize_per_token(x))
         fp8_bytes = t * k * (2 + 1) + t * 4
         nv_ms = bench(lambda x=x: nvfp4_quantize_dequantize(x, None, out_dtype=torch.bfloat16))
+        fold_ms = bench(lambda x=x: nvfp4_quantize_dequantize(x, None, out_dtype=torch.bfloat16, fold_global=True))
         nv_bytes = t * k * (2 + 2) + t * 4
         rows.append([t, k, "fp8 per token", fp8_ms, fp8_bytes / fp8_ms / 1e6])
         rows.append([t, k, "nvfp4 quant-dequant (bf16 operand)", nv_ms, nv_bytes / nv_ms / 1e6])
+        rows.append([t, k, "nvfp4 quant-dequant, power-of-two scale folded (cuBLAS operand)", fold_ms,
+                     nv_bytes / fold_ms / 1e6])
     return rows
 
 
@@ -92,6 +97,7 @@ def one_gemm(t: int, name: str, n: int, k: int) -> list[list]:
     wcache = dequantize_nvfp4_blocks(wp, wbs, dtype=torch.bfloat16)
     xq = dequantize_nvfp4_blocks(*quantize_nvfp4(x, nvfp4_global_scale(tensor_amax(x))), dtype=torch.bfloat16)
     rs, cs = torch.rand(t, device="cuda") + 0.5, torch.rand(n, device="cuda") + 0.5
+    zero = torch.zeros((), device="cuda", dtype=torch.bfloat16)
     cases = {
         "bf16 cuBLAS": lambda: torch.mm(x, w.T),
         "fp8 _scaled_mm row-wise": lambda: torch._scaled_mm(x8, w8.T, scale_a=xs, scale_b=ws.reshape(1, n),
@@ -100,6 +106,8 @@ def one_gemm(t: int, name: str, n: int, k: int) -> list[list]:
                                                                               out_dtype=torch.bfloat16),
         "nvfp4 exact: Triton GEMM on packed weight": lambda: nvfp4_gemm(xq, wp, wbs, rs, cs, None,
                                                                         out_dtype=torch.bfloat16),
+        "nvfp4 exact: cuBLAS bf16, scale folded, weight scale as alpha": lambda: torch.addmm(
+            zero, xq, wcache.T, beta=0, alpha=0.37),
         "nvfp4 exact: cuBLAS fp32 out + scale pass": lambda: (
             torch.mm(xq, wcache.T, out_dtype=torch.float32) * (rs[:, None] * cs)).to(torch.bfloat16),
     }
