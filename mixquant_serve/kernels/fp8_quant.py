@@ -97,7 +97,7 @@ def _row_amax(x_ptr, row_off, K, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _quantize_store(x, scale, q_ptrs, mask, BLOCK: tl.constexpr, HW: tl.constexpr):
+def quantize_store(x, scale, q_ptrs, mask, BLOCK: tl.constexpr, HW: tl.constexpr):
     y = tl.div_rn(x, tl.broadcast_to(scale, [BLOCK]))
     y = tl.where(y > 448.0, 448.0, tl.where(y < -448.0, -448.0, y))
     code, _ = e4m3_code_value(y, HW)
@@ -105,7 +105,7 @@ def _quantize_store(x, scale, q_ptrs, mask, BLOCK: tl.constexpr, HW: tl.constexp
 
 
 @triton.jit
-def _amax_scale(amax, MIN_AMAX: tl.constexpr):
+def amax_scale(amax, MIN_AMAX: tl.constexpr):
     amax = tl.where(amax < MIN_AMAX, MIN_AMAX, amax)  # a comparison, so NaN stays NaN
     return tl.div_rn(amax, tl.full([], 448.0, tl.float32))
 
@@ -117,9 +117,9 @@ def quantize_row_store(x, q_ptrs, s_ptr, mask, BLOCK: tl.constexpr, MIN_AMAX: tl
     ``x [BLOCK]`` float32, 0 where ``mask`` is False. The epilogue that the fused RMSNorm and SiLU-mul
     kernels share with ``fp8_quantize_per_token``, so all give the same bits.
     """
-    scale = _amax_scale(nan_amax(x), MIN_AMAX)
+    scale = amax_scale(nan_amax(x), MIN_AMAX)
     tl.store(s_ptr, scale)
-    _quantize_store(x, scale, q_ptrs, mask, BLOCK, HW)
+    quantize_store(x, scale, q_ptrs, mask, BLOCK, HW)
 
 
 @triton.jit
@@ -132,11 +132,11 @@ def _fp8_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.
         x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
         quantize_row_store(x, q_row + cols, s_ptr + row, cols < K, BLOCK, MIN_AMAX, HW)
     else:
-        scale = _amax_scale(_row_amax(x_ptr, row * stride_x, K, BLOCK), MIN_AMAX)
+        scale = amax_scale(_row_amax(x_ptr, row * stride_x, K, BLOCK), MIN_AMAX)
         tl.store(s_ptr + row, scale)
         for k0 in range(0, K, BLOCK):
             x = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
-            _quantize_store(x, scale, q_row + k0 + cols, k0 + cols < K, BLOCK, HW)
+            quantize_store(x, scale, q_row + k0 + cols, k0 + cols < K, BLOCK, HW)
 
 
 def check_triton_device(x: torch.Tensor) -> None:

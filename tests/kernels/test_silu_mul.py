@@ -59,3 +59,13 @@ def test_fp8_epilogue_keeps_leading_dims_and_strides(device):
     assert torch.equal(_bits(scale.reshape(6, 1)), _bits(want_scale))
     with pytest.raises(ValueError, match="even"):
         silu_mul_fp8(torch.randn(2, 7, device=device))
+
+
+def test_fp8_epilogue_nan_in_a_later_chunk(device):
+    """The fused kernel reads a row in chunks: a NaN in the last one still makes the row's scale NaN."""
+    x = torch.randn(2, 2 * 12288, generator=torch.Generator().manual_seed(3)).half().to(device)
+    x[1, 12000] = float("nan")  # gate, past the first chunks
+    q, scale = silu_mul_fp8(x)
+    want_q, want_scale = fp8_quantize_per_token(silu_mul(x))
+    assert scale[1].isnan().all() and not scale[0].isnan().any()
+    assert torch.equal(_bits(q), _bits(want_q)) and torch.equal(_bits(scale[0]), _bits(want_scale[0]))
