@@ -13,7 +13,8 @@ between streamed chunks (ITL; a chunk normally holds one token: chunks whose tok
 sent, so a gap can span two tokens), TPOT = (last chunk - first chunk) / (tokens - 1). Output tokens/s = all
 output tokens / (first send to last end). Before the server starts, the offline Engine with the same
 EngineConfig runs the same prompts (waves one after the other, C prompts per `generate`) for the same output
-length, and C other fresh prompts for one token: offline step = (T(output) - T(1)) / (output - 1). The served
+length, and C other fresh prompts for one token: offline step = (T(output) - T(1)) / (output - 1); before
+them, untimed, C more prompts warm the level's batch shapes (first-use Triton compilation). The served
 figures over the offline ones are the serving overhead (router, HTTP, worker loop, detokenization).
 The server is started once, warmed up with one request, and stopped at the end (its log: serve_launch.log).
 """
@@ -94,6 +95,9 @@ def offline(cfg, prompts: dict[int, list[list[int]]], make, args: argparse.Names
 
 
 def offline_level(gen, ps: list[list[int]], c: int, make, args: argparse.Namespace) -> dict:
+    # untimed: this level's batch shapes (mixed chunks, extend kernels) compile their Triton kernels here,
+    # not inside the timed runs (the served runs, later and in another process, find them in Triton's cache)
+    gen(make(c, args.prompt_len, 31 * c + 6), 8)
     one, _ = common.timed(lambda: gen(make(c, args.prompt_len, 31 * c + 5), 1), args.device)
     full = sum(common.timed(lambda w=w: gen(ps[w * c:(w + 1) * c], args.output_len), args.device)[0]
                for w in range(args.waves))
