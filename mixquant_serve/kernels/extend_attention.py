@@ -51,10 +51,11 @@ def _attend(acc, l_i, m_i, q, q_pos, K, V, page_row, kvh, n0, limit, stride_ks, 
 def _extend_kernel(
     Q, K, V, Out, PartO, PartLse, PageTable, QStartLoc, PrefixLens,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh, stride_pt,
-    sm_scale_log2,
-    G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    sm_scale_log2, NUM_SPLITS,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    # NUM_SPLITS is a run-time value (SPLIT: whether it exceeds 1), so its many values share one compiled kernel
     h = tl.program_id(0)  # heads sharing a KV head run next to each other (their K/V stay in L2)
     mb = tl.num_programs(1) - 1 - tl.program_id(1)  # the longest (last) query blocks start first
     b = tl.program_id(2) // NUM_SPLITS
@@ -91,7 +92,7 @@ def _extend_kernel(
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, q_pos, K, V, page_row, kvh, n0, diag_end, stride_ks, stride_kh,
                                 stride_vs, stride_vh, sm_scale_log2, True, HEAD_DIM, PAGE_SIZE, BLOCK_N, BLOCK_D,
                                 DOT_PREC)
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         o = acc / l_i[:, None]  # every query sees at least its own key, so l_i > 0
         tl.store(Out + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], o.to(Out.dtype.element_ty),
                  mask=md_mask)
@@ -173,8 +174,8 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _extend_kernel[grid](
         q, k_cache, v_cache, out, part_o, part_lse, page_table, q_start_loc, prefix_lens,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        out.stride(0), out.stride(1), page_table.stride(0), scale * _LOG2E,
-        G=h // hkv, HEAD_DIM=d, PAGE_SIZE=page_size, NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=block_n,
+        out.stride(0), out.stride(1), page_table.stride(0), scale * _LOG2E, num_splits,
+        G=h // hkv, HEAD_DIM=d, PAGE_SIZE=page_size, SPLIT=num_splits > 1, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=triton.next_power_of_2(d), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )

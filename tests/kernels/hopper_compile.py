@@ -20,8 +20,9 @@ _ROOT = Path(__file__).resolve().parents[2]
 
 def compile_for_hopper(specs: list[dict[str, Any]]) -> list[dict[str, int]]:
     """Each spec: module, kernel, pointers (pointer argument -> element type, e.g. "bf16"), constexprs,
-    options (num_warps, num_stages). Other arguments are i32 strides (stride_*, taken as 16-divisible as
-    a real launch specializes them) or fp32 scalars. Returns per kernel: async_copies, shared (bytes)."""
+    options (num_warps, num_stages), optionally ints (names of i32 run-time arguments). Other arguments
+    are i32 strides (stride_*, taken as 16-divisible as a real launch specializes them) or fp32 scalars.
+    Returns per kernel: async_copies, shared (bytes)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(_ROOT)
     run = subprocess.run([sys.executable, __file__], input=json.dumps(specs), capture_output=True, text=True,
@@ -32,7 +33,7 @@ def compile_for_hopper(specs: list[dict[str, Any]]) -> list[dict[str, int]]:
 
 
 def _compile(module: str, kernel: str, pointers: dict[str, str], constexprs: dict[str, Any],
-             options: dict[str, int]) -> dict[str, int]:
+             options: dict[str, int], ints: tuple[str, ...] = ()) -> dict[str, int]:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -44,6 +45,8 @@ def _compile(module: str, kernel: str, pointers: dict[str, str], constexprs: dic
             sig[name] = "constexpr"
         elif name in pointers:
             sig[name], attrs[(i,)] = "*" + pointers[name], [["tt.divisibility", 16]]
+        elif name in ints:
+            sig[name] = "i32"
         elif name.startswith("stride"):
             sig[name], attrs[(i,)] = "i32", [["tt.divisibility", 16]]
         else:

@@ -92,7 +92,7 @@ def test_compiles_for_hopper_with_pipelined_kv_loads():
                     QStartLoc="i32", PrefixLens="i32")
     kernels = compile_for_hopper([dict(
         module="mixquant_serve.kernels.extend_attention", kernel="_extend_kernel", pointers=pointers,
-        options=dict(num_warps=4, num_stages=2), constexprs=dict(
-            G=4, HEAD_DIM=128, PAGE_SIZE=16, NUM_SPLITS=splits, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128,
-            DOT_PREC="tf32")) for splits in (1, 4)])
+        options=dict(num_warps=4, num_stages=2), ints=("NUM_SPLITS",), constexprs=dict(
+            G=4, HEAD_DIM=128, PAGE_SIZE=16, SPLIT=split, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128,
+            DOT_PREC="tf32")) for split in (False, True)])
     assert all(k["async_copies"] >= 2 and k["shared"] <= 200 * 1024 for k in kernels)
