@@ -5,9 +5,9 @@
 Activation quantization (memory-bound): FP8 per token and NVFP4 quantize-dequantize (the exact-emulation
 operand) over the four linear inputs of a layer (qkv/gate_up: hidden 4096; o_proj: 4096; down: 12288),
 as GB/s of bytes read + written against the device-to-device copy bandwidth of this run (target: 70%).
-Fused FP8 producers: RMSNorm + residual add (hidden) and SiLU-mul (intermediate) writing FP8 codes and
-scales, against the same op writing BF16 followed by the standalone FP8 quantization (ms of both, and
-the fused kernel's GB/s).
+Fused producers: RMSNorm + residual add (hidden) and SiLU-mul (intermediate) writing FP8 codes and
+scales, or the folded NVFP4 operand, against the same op writing BF16 followed by the standalone
+quantization (ms of both, and the fused kernel's GB/s).
 GEMMs (arithmetic-bound): BF16 cuBLAS (`torch.mm`), FP8 `torch._scaled_mm` row-wise, and the exact-NVFP4
 designs: cuBLAS BF16 on the dequantized weight with the activation's power-of-two scale folded into its
 operand and the weight's global scale as alpha (the engine's choice when a weight has one global scale),
@@ -62,8 +62,12 @@ def quant_rows(t: int) -> list[list]:
 
 def fused_rows(t: int) -> list[list]:
     from mixquant_serve.kernels.fp8_quant import fp8_quantize_per_token
-    from mixquant_serve.kernels.rmsnorm import rmsnorm, rmsnorm_fp8
-    from mixquant_serve.kernels.silu_mul import silu_mul, silu_mul_fp8
+    from mixquant_serve.kernels.nvfp4_quant import nvfp4_quantize_dequantize
+    from mixquant_serve.kernels.rmsnorm import rmsnorm, rmsnorm_fp8, rmsnorm_nvfp4
+    from mixquant_serve.kernels.silu_mul import silu_mul, silu_mul_fp8, silu_mul_nvfp4
+
+    def nvfp4(y):
+        return nvfp4_quantize_dequantize(y, None, out_dtype=torch.bfloat16, fold_global=True)
 
     x, r = (torch.randn(t, HIDDEN, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     w = torch.randn(HIDDEN, device="cuda", dtype=torch.bfloat16)
@@ -73,6 +77,10 @@ def fused_rows(t: int) -> list[list]:
          lambda: fp8_quantize_per_token(rmsnorm(x, w, 1e-6, r)[0]), t * HIDDEN * (2 + 2 + 2 + 1) + t * 4),
         ("silu_mul -> fp8", lambda: silu_mul_fp8(gate_up), lambda: fp8_quantize_per_token(silu_mul(gate_up)),
          t * INTER * (4 + 1) + t * 4),
+        ("rmsnorm + residual -> nvfp4 operand", lambda: rmsnorm_nvfp4(x, w, 1e-6, r),
+         lambda: nvfp4(rmsnorm(x, w, 1e-6, r)[0]), t * HIDDEN * (2 + 2 + 2 + 2) + t * 4),
+        ("silu_mul -> nvfp4 operand", lambda: silu_mul_nvfp4(gate_up), lambda: nvfp4(silu_mul(gate_up)),
+         t * INTER * (4 + 2) + t * 4),
     ]
     rows = []
     for name, fused, unfused, nbytes in cases:

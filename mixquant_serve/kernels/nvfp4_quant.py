@@ -132,6 +132,22 @@ def _nvfp4_quant_kernel(x_ptr, gs_ptr, packed_ptr, scale_ptr, deq_ptr, K, stride
             _quantize_pairs(xe, xo, gs, offs, mask, k0, K, p_row, s_row, d_row, NB, DEQUANT, FOLD, HW)
 
 
+@triton.jit
+def row_pow2_scale(amax, gs_ptr, AMAX_FLOOR: tl.constexpr):
+    """A row's dynamic global scale from its amax (power of two), stored at gs_ptr: for fused producers."""
+    return _dynamic_global_scale(amax, gs_ptr, 0, AMAX_FLOOR)
+
+
+@triton.jit
+def qdq_fold_store(y, gs, deq_row, k0, K, NB: tl.constexpr, HW: tl.constexpr):
+    """NVFP4 quantize-dequantize of NB blocks held in registers (``y [NB * 16]`` float32: columns k0.. of a
+    row, 0 past K) with the row's power-of-two scale ``gs`` folded in, stored at ``deq_row + k0..``: what
+    ``nvfp4_quantize_dequantize(fold_global=True)`` writes for them. For fused producers."""
+    offs = k0 + tl.arange(0, NB)[:, None] * 16 + tl.arange(0, 16)[None, :]
+    xe, xo = tl.split(tl.reshape(y, [NB, 8, 2]))
+    _quantize_pairs(xe, xo, gs, offs, offs < K, k0, K, deq_row, deq_row, deq_row, NB, True, True, HW)
+
+
 def _check_x(x: torch.Tensor) -> None:
     if x.dim() != 2 or x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"want a 2-D float32/bfloat16/float16 activation, got {tuple(x.shape)} {x.dtype}")

@@ -8,6 +8,7 @@ rounded again.
 epilogue: the bits of ``fp8_quantize_per_token(silu_mul(x))``. It needs the row's amax before any code, so a
 program takes a whole row, in chunks of up to FP8_CHUNK, twice (``silu_mul`` splits a row into blocks of up to
 1024 over programs). A whole row in registers (12,288 wide for Qwen3-8B) measured slower than the unfused pair.
+``silu_mul_nvfp4`` does the same with ``nvfp4_quant.py``'s epilogue: the NVFP4 operand, scale folded in.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from mixquant_serve.kernels.fp8_quant import (
     nan_amax,
     quantize_store,
 )
+from mixquant_serve.kernels.nvfp4_quant import AMAX_FLOOR, BLOCK_SIZE, qdq_fold_store, row_pow2_scale
 
-FP8_CHUNK = 2048  # columns per step of the fused FP8 kernel
+FP8_CHUNK = 2048  # columns per step of the fused FP8 and NVFP4 kernels
 
 
 @triton.jit
@@ -67,6 +69,24 @@ def _silu_mul_fp8_kernel(x_ptr, q_ptr, s_ptr, inter, x_stride, BLOCK: tl.constex
         quantize_store(y.to(tl.float32), scale, q_ptr + row * inter + cols, mask, BLOCK, HW)
 
 
+@triton.jit
+def _silu_mul_nvfp4_kernel(x_ptr, out_ptr, gs_ptr, inter, x_stride, BLOCK: tl.constexpr,
+                           AMAX_FLOOR: tl.constexpr, HW: tl.constexpr):
+    """As _silu_mul_fp8_kernel (amax pass, then recompute), writing the NVFP4 operand with the row's
+    power-of-two scale folded in."""
+    row = tl.program_id(0).to(tl.int64)
+    row_off = row * x_stride
+    amax = tl.zeros([BLOCK], tl.float32)
+    for k0 in range(0, inter, BLOCK):
+        y, _, _ = _silu_mul_chunk(x_ptr, row_off, inter, k0, BLOCK)
+        y = y.to(tl.float32)
+        amax = tl.where((y != y) | (amax != amax), float("nan"), tl.maximum(amax, tl.abs(y)))
+    gs = row_pow2_scale(nan_amax(amax), gs_ptr + row, AMAX_FLOOR)
+    for k0 in range(0, inter, BLOCK):
+        y, _, _ = _silu_mul_chunk(x_ptr, row_off, inter, k0, BLOCK)
+        qdq_fold_store(y.to(tl.float32), gs, out_ptr + row * inter, k0, inter, BLOCK // 16, HW)
+
+
 def _gate_up_rows(x: torch.Tensor) -> torch.Tensor:
     if x.shape[-1] % 2:
         raise ValueError(f"gate_up needs an even last dimension, got {x.shape[-1]}")
@@ -104,3 +124,22 @@ def silu_mul_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                                                HW=hardware_cast(x), num_warps=max(1, min(8, block // 256)))
     lead = x.shape[:-1]
     return q.view(torch.float8_e4m3fn).view(*lead, inter), scale.view(*lead, 1)
+
+
+def silu_mul_nvfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [..., 2*I]`` -> ``(operand [..., I] x.dtype, scale [..., 1] float32)``: NVFP4 quantize-dequantize per
+    token with the dynamic power-of-two scale folded in, the bits of
+    ``nvfp4_quantize_dequantize(silu_mul(x), fold_global=True)``; I a multiple of 16."""
+    rows = _gate_up_rows(x)
+    inter = x.shape[-1] // 2
+    if inter % BLOCK_SIZE:
+        raise ValueError(f"NVFP4 needs a width that is a multiple of {BLOCK_SIZE}, got {inter}")
+    out = torch.empty(rows.shape[0], inter, dtype=x.dtype, device=x.device)
+    scale = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=x.device)
+    block = max(16, min(FP8_CHUNK, triton.next_power_of_2(inter)))
+    if rows.shape[0]:
+        _silu_mul_nvfp4_kernel[(rows.shape[0],)](rows, out, scale, inter, rows.stride(0), BLOCK=block,
+                                                 AMAX_FLOOR=AMAX_FLOOR, HW=hardware_cast(x),
+                                                 num_warps=max(1, min(8, block // 256)))
+    lead = x.shape[:-1]
+    return out.view(*lead, inter), scale.view(*lead, 1)

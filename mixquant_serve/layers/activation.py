@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixquant_serve.config import ConfigError
-from mixquant_serve.quant.methods import FP8_PER_TOKEN, InputQuant, QuantizedActivation
+from mixquant_serve.quant.methods import FP8_PER_TOKEN, NVFP4_FOLDED, InputQuant, QuantizedActivation
 
 _ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -25,10 +25,12 @@ class GatedAct(nn.Module):
                 ) -> torch.Tensor | QuantizedActivation:
         """``act(gate) * up``; quantized as `quant` asks when a CUDA kernel does it (else the plain tensor)."""
         if gate_up.is_cuda and self.name == "silu":
-            from mixquant_serve.kernels.silu_mul import silu_mul, silu_mul_fp8
+            from mixquant_serve.kernels.silu_mul import silu_mul, silu_mul_fp8, silu_mul_nvfp4
 
             if quant == FP8_PER_TOKEN:
                 return QuantizedActivation(*silu_mul_fp8(gate_up), gate_up.dtype)
+            if quant == NVFP4_FOLDED:
+                return QuantizedActivation(*silu_mul_nvfp4(gate_up), gate_up.dtype)
             return silu_mul(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         return self.act(gate) * up

@@ -2,7 +2,8 @@
 
 On CUDA one Triton kernel (`kernels/rmsnorm.py`) does the whole norm, and `add_norm` folds the residual add
 of the decoder layer into it; elsewhere the same arithmetic runs as PyTorch ops. Given the next linear's
-`input_quant`, the CUDA kernel also quantizes its output (FP8 per token) and returns a QuantizedActivation.
+`input_quant`, the CUDA kernel also quantizes its output (FP8 per token, or the folded NVFP4 operand) and
+returns a QuantizedActivation.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mixquant_serve.quant.methods import FP8_PER_TOKEN, InputQuant, QuantizedActivation
+from mixquant_serve.quant.methods import FP8_PER_TOKEN, NVFP4_FOLDED, InputQuant, QuantizedActivation
 
 
 class RMSNorm(nn.Module):
@@ -35,10 +36,11 @@ class RMSNorm(nn.Module):
 
     def _kernel(self, x: torch.Tensor, residual: torch.Tensor | None, quant: InputQuant | None
                 ) -> tuple[torch.Tensor | QuantizedActivation, torch.Tensor | None]:
-        from mixquant_serve.kernels.rmsnorm import rmsnorm, rmsnorm_fp8
+        from mixquant_serve.kernels.rmsnorm import rmsnorm, rmsnorm_fp8, rmsnorm_nvfp4
 
-        if quant == FP8_PER_TOKEN:
-            q, scale, total = rmsnorm_fp8(x, self.weight, self.eps, residual)
+        if quant in (FP8_PER_TOKEN, NVFP4_FOLDED):
+            fused = rmsnorm_fp8 if quant == FP8_PER_TOKEN else rmsnorm_nvfp4
+            q, scale, total = fused(x, self.weight, self.eps, residual)
             return QuantizedActivation(q, scale, x.dtype), total
         return rmsnorm(x, self.weight, self.eps, residual)
 

@@ -39,12 +39,16 @@ class InputQuant(NamedTuple):
 
 # E4M3 codes and float32 scales per token, as kernels/fp8_quant.py's fp8_quantize_per_token gives them
 FP8_PER_TOKEN = InputQuant("fp8_per_token")
+# the NVFP4 operand with the per-token power-of-two scale folded in, in the activation's dtype, and those
+# scales, as kernels/nvfp4_quant.py's nvfp4_quantize_dequantize(x, fold_global=True) gives them
+NVFP4_FOLDED = InputQuant("nvfp4_folded")
 
 
 class QuantizedActivation(NamedTuple):
     """A linear's input already quantized by its producer (RMSNorm, GatedAct) as its `InputQuant` asked.
 
     For FP8_PER_TOKEN: ``data [..., K]`` float8_e4m3fn and ``scale [..., 1]`` float32, both contiguous;
+    for NVFP4_FOLDED: ``data [..., K]`` the folded NVFP4 operand in ``dtype`` and ``scale`` the folded scales.
     ``dtype`` is the activation's own dtype (e.g. bfloat16), which the linear's output takes.
     """
 

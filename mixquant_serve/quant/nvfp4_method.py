@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from mixquant_serve.quant import nvfp4, nvfp4_blackwell
-from mixquant_serve.quant.methods import QuantMethod, Shard
+from mixquant_serve.quant.methods import NVFP4_FOLDED, InputQuant, QuantizedActivation, QuantMethod, Shard
 
 if TYPE_CHECKING:
     from mixquant_serve.layers.linear import LinearBase
@@ -89,6 +89,7 @@ class NVFP4Method(QuantMethod):
         impl.x_scale = None  # static input global scale (0-d float32) or None: dynamic
         impl.cache = None  # dequantized blocks [N, K] (no global scale), float32 or bfloat16
         impl.alpha = None  # one float32 factor for all of the GEMM's output (see _alpha), or None
+        impl.dtype = layer.dtype  # the activations'; the cuBLAS path is for bfloat16 models
         impl.native = None  # Blackwell: the weight as FP4 tensor-core operands (nvfp4_blackwell.NativeWeight)
         return impl
 
@@ -176,7 +177,15 @@ class NVFP4Method(QuantMethod):
             impl.alpha = _alpha(impl)
 
     # -- running ------------------------------------------------------------------------------------
-    def apply(self, impl: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def input_quant(self, impl: nn.Module) -> InputQuant | None:
+        """The cuBLAS path with the dynamic scale takes its operand from the producing norm or activation."""
+        return NVFP4_FOLDED if impl.alpha is not None and impl.x_scale is None else None
+
+    def apply(self, impl: nn.Module, x: torch.Tensor | QuantizedActivation,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(x, QuantizedActivation):  # NVFP4_FOLDED, made by the producer on CUDA
+            rows = x.data.reshape(-1, x.data.shape[-1])
+            return self._folded_mm(impl, rows, bias).reshape(*x.data.shape[:-1], -1)
         if impl.dense is not None:
             return torch.nn.functional.linear(x, impl.dense, bias)
         k = x.shape[-1]
@@ -205,16 +214,22 @@ class NVFP4Method(QuantMethod):
             return nvfp4_blackwell.native_mm(packed, scales, impl.native, x_scale, impl.channel_scale, bias,
                                              rows.dtype)
 
-        if impl.alpha is not None and rows.dtype == torch.bfloat16:  # cuBLAS, scales folded or in alpha
+        if impl.alpha is not None:  # cuBLAS, scales folded or in alpha (a bfloat16 model)
             x_op, _ = nvfp4_quantize_dequantize(rows, impl.x_scale, fold_global=impl.x_scale is None)
-            if bias is None:
-                return torch.addmm(x_op.new_zeros(()), x_op, impl.cache.T, beta=0, alpha=impl.alpha)
-            return torch.addmm(bias, x_op, impl.cache.T, alpha=impl.alpha)
+            return NVFP4Method._folded_mm(impl, x_op, bias)
         x_blocks, x_scale = nvfp4_quantize_dequantize(rows, impl.x_scale, out_dtype=torch.bfloat16)
         if impl.cache is None:  # the packed weight, decoded tile by tile in the GEMM
             return nvfp4_gemm(x_blocks, impl.weight, impl.weight_scale, x_scale, impl.channel_scale, bias,
                               out_dtype=rows.dtype)
         return scaled_mm(x_blocks, impl.cache, x_scale, impl.channel_scale, bias, out_dtype=rows.dtype)
+
+    @staticmethod
+    def _folded_mm(impl: nn.Module, x_op: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """cuBLAS on the exact operands: the activation's scale folded in (or, static, in alpha with the
+        weight's), float32 accumulation, ``alpha`` and the bias in the float32 epilogue, one rounding."""
+        if bias is None:
+            return torch.addmm(x_op.new_zeros(()), x_op, impl.cache.T, beta=0, alpha=impl.alpha)
+        return torch.addmm(bias, x_op, impl.cache.T, alpha=impl.alpha)
 
     @staticmethod
     def _gemm(impl: nn.Module, rows: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
@@ -241,7 +256,8 @@ def _alpha(impl: nn.Module) -> float | None:
     """The GEMM's one output factor when the weight has one global scale: that scale, times a static input
     scale as float32 (the dynamic per-token scale is folded into the activation instead); else None."""
     ws = impl.weight_scale_2
-    if impl.cache is None or impl.cache.device.type != "cuda" or not bool((ws == ws[0]).all()):
+    if (impl.cache is None or impl.cache.device.type != "cuda" or impl.dtype != torch.bfloat16
+            or not bool((ws == ws[0]).all())):
         return None
     return float(ws[0] if impl.x_scale is None else impl.x_scale.float() * ws[0])
 

@@ -8,7 +8,8 @@ import torch
 from conftest import DOT_DTYPES, ON_GPU
 
 from mixquant_serve.kernels.fp8_quant import fp8_quantize_per_token
-from mixquant_serve.kernels.rmsnorm import rmsnorm, rmsnorm_fp8
+from mixquant_serve.kernels.nvfp4_quant import nvfp4_quantize_dequantize
+from mixquant_serve.kernels.rmsnorm import rmsnorm, rmsnorm_fp8, rmsnorm_nvfp4
 from mixquant_serve.layers.norm import RMSNorm
 
 
@@ -95,3 +96,32 @@ def test_fp8_epilogue_keeps_leading_dims_and_strides(device):
     assert torch.equal(res, want_res)
     q0, s0, res0 = rmsnorm_fp8(torch.empty(0, 96, dtype=torch.float16, device=device), norm.weight, norm.eps)
     assert q0.shape == (0, 96) and s0.shape == (0, 1) and res0 is None
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bits where not NaN, NaN at the same places."""
+    nan = torch.isnan(a.float())
+    return torch.equal(nan, torch.isnan(b.float())) and torch.equal(_bits(a)[~nan], _bits(b)[~nan])
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES)
+@pytest.mark.parametrize("t, n", [(5, 4096), (3, 12288), (7, 208), (1, 64)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_nvfp4_epilogue_equals_norm_then_quantize_dequantize(device, dtype, t, n, with_residual):
+    gen = torch.Generator().manual_seed(n + t + 1)
+    norm = _layer(n, dtype, device)
+    mag = torch.exp(3 * torch.randn(t, 1, generator=gen)).clamp(1e-3, 1e3)
+    x = (torch.randn(t, n, generator=gen) * mag).to(dtype).to(device)
+    r = torch.randn(t, n, generator=gen).to(dtype).to(device) if with_residual else None
+    op, scale, res = rmsnorm_nvfp4(x, norm.weight, norm.eps, residual=r)
+    y, want_res = rmsnorm(x, norm.weight, norm.eps, residual=r)
+    want_op, want_scale = nvfp4_quantize_dequantize(y, None, out_dtype=dtype, fold_global=True)
+    assert op.dtype == dtype and op.shape == (t, n) and scale.shape == (t, 1)
+    assert _same(op, want_op) and torch.equal(_bits(scale), _bits(want_scale))
+    assert (res is None) == (r is None) and (r is None or torch.equal(res, want_res))
+
+
+def test_nvfp4_epilogue_refuses_rows_not_a_multiple_of_16(device):
+    norm = _layer(200, torch.float16, device)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        rmsnorm_nvfp4(torch.randn(2, 200, device=device).half(), norm.weight, norm.eps)

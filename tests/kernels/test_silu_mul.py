@@ -8,7 +8,8 @@ import torch
 from conftest import DOT_DTYPES
 
 from mixquant_serve.kernels.fp8_quant import fp8_quantize_per_token
-from mixquant_serve.kernels.silu_mul import silu_mul, silu_mul_fp8
+from mixquant_serve.kernels.nvfp4_quant import nvfp4_quantize_dequantize
+from mixquant_serve.kernels.silu_mul import silu_mul, silu_mul_fp8, silu_mul_nvfp4
 from mixquant_serve.layers.activation import GatedAct
 
 
@@ -69,3 +70,18 @@ def test_fp8_epilogue_nan_in_a_later_chunk(device):
     want_q, want_scale = fp8_quantize_per_token(silu_mul(x))
     assert scale[1].isnan().all() and not scale[0].isnan().any()
     assert torch.equal(_bits(q), _bits(want_q)) and torch.equal(_bits(scale[0]), _bits(want_scale[0]))
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES)
+@pytest.mark.parametrize("t, inter", [(3, 12288), (5, 4096), (2, 1504), (1, 16)])
+def test_nvfp4_epilogue_equals_silu_mul_then_quantize_dequantize(device, dtype, t, inter):
+    gen = torch.Generator().manual_seed(inter + t + 7)
+    mag = torch.exp(torch.randn(t, 1, generator=gen)).clamp(0.05, 20)
+    x = (torch.randn(t, 2 * inter, generator=gen) * mag).to(dtype).to(device)
+    x[0, 5] = 0.0
+    op, scale = silu_mul_nvfp4(x)
+    want_op, want_scale = nvfp4_quantize_dequantize(silu_mul(x), None, out_dtype=dtype, fold_global=True)
+    assert op.dtype == dtype and op.shape == (t, inter) and scale.shape == (t, 1)
+    assert torch.equal(_bits(op), _bits(want_op)) and torch.equal(_bits(scale), _bits(want_scale))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        silu_mul_nvfp4(torch.randn(2, 40, device=device))

@@ -1,6 +1,6 @@
-"""FP8 prefill with the activation quantization fused into RMSNorm and SiLU-mul, against the unfused path
-(the 16-bit norm / silu-mul output quantized by the linear): the same bits into every GEMM, so the same
-outputs, from one layer up to a whole engine's logits. GPU only."""
+"""FP8 and NVFP4 prefill with the activation quantization fused into RMSNorm and SiLU-mul, against the
+unfused path (the 16-bit norm / silu-mul output quantized by the linear): the same bits into every GEMM, so
+the same outputs, from one layer up to a whole engine's logits. GPU only."""
 
 from __future__ import annotations
 
@@ -15,11 +15,14 @@ from mixquant_serve.layers.activation import GatedAct
 from mixquant_serve.layers.forward_context import ForwardContext, forward_context
 from mixquant_serve.layers.linear import LinearBase
 from mixquant_serve.layers.norm import RMSNorm
-from mixquant_serve.quant.methods import FP8_PER_TOKEN, QuantizedActivation
+from mixquant_serve.quant.methods import FP8_PER_TOKEN, NVFP4_FOLDED, QuantizedActivation
 
 pytestmark = pytest.mark.gpu
 HIDDEN, INTER = 4096, 12288  # Qwen3-8B
 QKV = [4096, 1024, 1024]
+# precision -> what its linears ask of their producers, and the fused kernels that make it
+FUSED = {"fp8": (FP8_PER_TOKEN, "rmsnorm_fp8", "silu_mul_fp8"),
+         "nvfp4": (NVFP4_FOLDED, "rmsnorm_nvfp4", "silu_mul_nvfp4")}
 
 
 def _randn(*shape: int, seed: int, spread: float = 0.0) -> torch.Tensor:
@@ -29,8 +32,8 @@ def _randn(*shape: int, seed: int, spread: float = 0.0) -> torch.Tensor:
     return x.to(torch.bfloat16).cuda()
 
 
-def _linear(k: int, sizes: list[int], seed: int) -> LinearBase:
-    layer = LinearBase(k, sizes, False, ("bf16", "fp8"), torch.bfloat16, "cuda")
+def _linear(k: int, sizes: list[int], seed: int, precision: str) -> LinearBase:
+    layer = LinearBase(k, sizes, False, ("bf16", precision), torch.bfloat16, "cuda")
     for i, n in enumerate(sizes):
         layer.load("weight", _randn(n, k, seed=seed + i) * 0.02, i)
     layer.process_after_loading()
@@ -43,17 +46,14 @@ def _norm(seed: int) -> RMSNorm:
     return norm
 
 
-def _fp8():
-    return forward_context(ForwardContext("fp8", None, None))
-
-
+@pytest.mark.parametrize("precision", sorted(FUSED))
 @pytest.mark.parametrize("t", [1, 333])
-def test_fused_norm_feeds_qkv_the_same_bits(t):
-    norm, qkv = _norm(1), _linear(HIDDEN, QKV, 2)
+def test_fused_norm_feeds_qkv_the_same_bits(t, precision):
+    norm, qkv = _norm(1), _linear(HIDDEN, QKV, 2, precision)
     x, r = _randn(t, HIDDEN, seed=3, spread=1.0), _randn(t, HIDDEN, seed=4)
-    with _fp8():
+    with forward_context(ForwardContext(precision, None, None)):
         spec = qkv.input_quant()
-        assert spec == FP8_PER_TOKEN
+        assert spec == FUSED[precision][0]
         h = norm(x, spec)
         assert isinstance(h, QuantizedActivation) and h.dtype == torch.bfloat16
         assert torch.equal(qkv(h), qkv(norm(x)))
@@ -66,11 +66,12 @@ def test_fused_norm_feeds_qkv_the_same_bits(t):
         assert torch.equal(norm(x, qkv.input_quant()), norm(x))
 
 
+@pytest.mark.parametrize("precision", sorted(FUSED))
 @pytest.mark.parametrize("t", [1, 333])
-def test_fused_silu_mul_feeds_down_proj_the_same_bits(t):
-    act, down = GatedAct("silu"), _linear(INTER, [HIDDEN], 5)
+def test_fused_silu_mul_feeds_down_proj_the_same_bits(t, precision):
+    act, down = GatedAct("silu"), _linear(INTER, [HIDDEN], 5, precision)
     gate_up = _randn(t, 2 * INTER, seed=6, spread=1.0) * 2
-    with _fp8():
+    with forward_context(ForwardContext(precision, None, None)):
         h = act(gate_up, down.input_quant())
         assert isinstance(h, QuantizedActivation) and h.data.shape == (t, INTER)
         assert torch.equal(down(h), down(act(gate_up)))
@@ -81,8 +82,8 @@ def model_dir(tmp_path_factory) -> str:
     return build_random_qwen3(tmp_path_factory.mktemp("qwen3-fp8-fused"))
 
 
-def _generate(model_dir: str) -> tuple[list, LogitSpy]:
-    engine = Engine(model_dir, device="cuda", dtype="bfloat16", prefill_precision="fp8", decode_precision="bf16",
+def _generate(model_dir: str, precision: str) -> tuple[list, LogitSpy]:
+    engine = Engine(model_dir, device="cuda", dtype="bfloat16", prefill_precision=precision, decode_precision="bf16",
                     attention_backend="triton", context_length=1024, max_total_tokens=16384, page_size=16,
                     cuda_graph_max_bs=16, overlap_schedule=False)
     spy = LogitSpy(engine)
@@ -101,16 +102,19 @@ def _counting(monkeypatch, module, name: str, calls: dict[str, int]) -> None:
     monkeypatch.setattr(module, name, counted)
 
 
-def test_engine_logits_fused_equal_unfused(model_dir, monkeypatch):
-    """FP8 prefill then BF16 decode: every logits row the same bits with and without the fused quantization."""
+@pytest.mark.parametrize("precision", sorted(FUSED))
+def test_engine_logits_fused_equal_unfused(model_dir, monkeypatch, precision):
+    """Quantized prefill then BF16 decode: every logits row the same bits with and without the fused
+    quantization."""
     calls: dict[str, int] = {}
-    _counting(monkeypatch, rmsnorm, "rmsnorm_fp8", calls)
-    _counting(monkeypatch, silu_mul, "silu_mul_fp8", calls)
-    fused, spy_f = _generate(model_dir)
-    assert calls.get("rmsnorm_fp8", 0) > 0 and calls.get("silu_mul_fp8", 0) > 0, "the fused kernels ran"
+    _, norm_kernel, act_kernel = FUSED[precision]
+    _counting(monkeypatch, rmsnorm, norm_kernel, calls)
+    _counting(monkeypatch, silu_mul, act_kernel, calls)
+    fused, spy_f = _generate(model_dir, precision)
+    assert calls.get(norm_kernel, 0) > 0 and calls.get(act_kernel, 0) > 0, "the fused kernels ran"
     calls.clear()
     monkeypatch.setattr(LinearBase, "input_quant", lambda self: None)  # every linear quantizes its own input
-    plain, spy_p = _generate(model_dir)
+    plain, spy_p = _generate(model_dir, precision)
     assert not calls
     assert [o.token_ids for o in fused] == [o.token_ids for o in plain]
     for a, b in zip(fused, plain, strict=True):
