@@ -4,6 +4,7 @@
     python benchmarks/accuracy.py --random-qwen3         # a small random Qwen3 (seeded)
     python benchmarks/accuracy.py --model-path DIR [--quantized-model-path DIR | --nvfp4-weights load]
     python benchmarks/accuracy.py --tails 1,16,64,256,turn [--fp8-tails 1,64]   # the BF16-tail sweep
+    python benchmarks/accuracy.py --tails 1,16 --bf16-kv-proj    # ... with the prompt's K/V projections in BF16
 
 The shipped multi-turn tool-using conversations (mixquant_serve/data/agent_conversations.jsonl) are
 rendered with the model's chat template; every assistant turn is a case: its context is everything
@@ -29,6 +30,7 @@ benchmarks/RESULTS.md (its own section) unless --no-write.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -39,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +49,10 @@ import torch
 from tqdm import tqdm
 
 from mixquant_serve import Engine, SamplingParams
+from mixquant_serve.config import ModelConfig
 from mixquant_serve.data import read_jsonl
+from mixquant_serve.layers.forward_context import get_forward_context
+from mixquant_serve.layers.linear import QKVLinear
 from mixquant_serve.layers.sampler import SampleOutput
 from mixquant_serve.models.embedded import cache_dir, resolve_model_path
 from mixquant_serve.tokenizer import Tokenizer
@@ -64,6 +70,8 @@ class RunConfig:
     # Mix-Quant's BF16 tail: prompt tokens at the end run in the decode precision; "turn": all the tokens
     # new since the previous assistant message; None: the engine's default (--bf16-tail-tokens)
     tail: int | str | None = None
+    # NVFP4 prefill computes the k and v columns of every qkv projection in BF16 (bf16_kv_projections)
+    kv_bf16: bool = False
 
     def tail_tokens(self, case: Case) -> int | None:
         return case.turn if self.tail == "turn" else self.tail
@@ -81,10 +89,12 @@ def tail_name(tail: int | str) -> str:
     return "the whole last turn" if tail == "turn" else f"{tail} token{'s' if tail != 1 else ''}"
 
 
-def tail_configs(tails: list[int | str], fp8_tails: list[int | str]) -> tuple[RunConfig, ...]:
+def tail_configs(tails: list[int | str], fp8_tails: list[int | str], kv_bf16: bool = False
+                 ) -> tuple[RunConfig, ...]:
     """The BF16-tail sweep: BF16 (the baseline), NVFP4 e2e when NVFP4 tails are swept, then each tail."""
     configs = [CONFIGS[0], *([CONFIGS[1]] if tails else [])]
-    configs += [RunConfig(f"Mix-Quant, BF16 tail {tail_name(t)}", "nvfp4", "bf16", t) for t in tails]
+    kv = ", K/V projections BF16" if kv_bf16 else ""
+    configs += [RunConfig(f"Mix-Quant, BF16 tail {tail_name(t)}{kv}", "nvfp4", "bf16", t, kv_bf16) for t in tails]
     configs += [RunConfig(f"FP8 prefill, BF16 tail {tail_name(t)}", "fp8", "bf16", t) for t in fp8_tails]
     return tuple(configs)
 
@@ -228,14 +238,45 @@ def _tail(cfg: RunConfig | None, case: Case) -> int | None:
 def bf16_shares(cfg: RunConfig, engine: Engine, cases: list[Case], prefill_tokens: int) -> tuple[float, float]:
     """Prompt tokens computed in BF16: as a share of all context tokens (measured: what prefill did not
     compute), and of each turn's new tokens, which is what a session with prefix reuse computes (derived
-    from the tail each turn gets)."""
+    from the tail each turn gets). With `kv_bf16` these are shares of prompt linear FLOPs instead: the
+    tail's, plus the k/v columns of the NVFP4-prefilled tokens."""
     if cfg.prefill == "bf16" or cfg.decode != "bf16":
         share = float(cfg.prefill == "bf16")
         return share, share
     total = sum(len(c.context) for c in cases)
     default = engine.config.bf16_tail_tokens
     tails = [min(c.turn, cfg.tail_tokens(c) or default) for c in cases]
-    return 1 - prefill_tokens / total, sum(tails) / max(1, sum(c.turn for c in cases))
+    shares = 1 - prefill_tokens / total, sum(tails) / max(1, sum(c.turn for c in cases))
+    kv = kv_flop_share(engine.runner.model_config) if cfg.kv_bf16 else 0.0
+    return tuple(s + (1 - s) * kv for s in shares)
+
+
+def kv_flop_share(cfg: ModelConfig) -> float:
+    """The k and v projections' share of a token's linear FLOPs (qkv, o, gate_up, down; lm_head not counted)."""
+    q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    return 2 * kv / (q + 2 * kv + q + 3 * inter)
+
+
+@contextlib.contextmanager
+def bf16_kv_projections() -> Iterator[None]:
+    """While open, NVFP4 qkv projections compute their k and v columns in BF16 (from the BF16 weights the
+    engine holds), so the prompt KV that decode attends to carries no NVFP4 projection error; q and the
+    other linears stay NVFP4. A harness emulation of a lever the engine does not have (issue 12)."""
+    original = QKVLinear.forward
+
+    def forward(self: QKVLinear, x: torch.Tensor) -> torch.Tensor:
+        out = original(self, x)
+        if get_forward_context().precision == "nvfp4":
+            q = self.output_sizes[0]
+            bias = None if self.bias is None else self.bias[q:]
+            out[..., q:] = torch.nn.functional.linear(x, self.impls["bf16"].weight[q:], bias)
+        return out
+
+    QKVLinear.forward = forward
+    try:
+        yield
+    finally:
+        QKVLinear.forward = original
 
 
 def _drive(engine: Engine, bar: tqdm, outputs: dict[str, list[int]] | None = None) -> None:
@@ -311,11 +352,13 @@ def evaluate(engine: Engine, cfg: RunConfig, cases: list[Case], baseline: dict |
         scores.top1.append(bool(ref.argmax() == row.argmax()))
 
     prefilled = engine.counters["computed_prefill_tokens"]
-    teacher_forced(engine, cases, sink, f"{cfg.name}: teacher-forced", group, cfg)
+    with bf16_kv_projections() if cfg.kv_bf16 else contextlib.nullcontext():
+        teacher_forced(engine, cases, sink, f"{cfg.name}: teacher-forced", group, cfg)
     scores.bf16_share, scores.reuse_share = bf16_shares(
         cfg, engine, cases, engine.counters["computed_prefill_tokens"] - prefilled)
     if greedy_tokens:
-        outs = greedy(engine, cases, greedy_tokens, f"{cfg.name}: greedy", group, cfg)
+        with bf16_kv_projections() if cfg.kv_bf16 else contextlib.nullcontext():
+                outs = greedy(engine, cases, greedy_tokens, f"{cfg.name}: greedy", group, cfg)
         ref_outs = outs if baseline is None else baseline["greedy"]
         scores.match = [_common_prefix(o, r) if o != r else greedy_tokens
                         for o, r in zip(outs, ref_outs, strict=True)]
@@ -459,6 +502,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tails", type=parse_tails, default=None, help="sweep Mix-Quant's BF16 tail instead: "
                    "comma-separated token counts and/or 'turn' (the whole last turn), e.g. 1,16,64,256,turn")
     p.add_argument("--fp8-tails", type=parse_tails, default=[], help="the same sweep for FP8 prefill")
+    p.add_argument("--bf16-kv-proj", action="store_true", help="with --tails: NVFP4 prefill computes the k and v "
+                   "columns of every qkv projection in BF16 (a harness emulation; BF16 share then counts FLOPs)")
     p.add_argument("--no-write", action="store_true", help="print the table only")
     return p.parse_args(argv)
 
@@ -489,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{sum(len(c.context) for c in cases)} context tokens, {sum(len(c.reference) for c in cases)} "
              f"reference tokens")
         sweep = args.tails is not None or bool(args.fp8_tails)
-        configs = tail_configs(args.tails or [], args.fp8_tails) if sweep else CONFIGS
+        configs = tail_configs(args.tails or [], args.fp8_tails, args.bf16_kv_proj) if sweep else CONFIGS
         results = run(model_path, quantized, cases, args.dtype, args.greedy_tokens, configs=configs)
     if sweep:
         return _report_sweep(args, model, weights, cases, results)
@@ -514,11 +559,12 @@ def _report_sweep(args: argparse.Namespace, model: str, weights: str, cases: lis
     turns the saved sweeps into the RESULTS.md section and the plot."""
     import tail_sweep
 
-    key = "-".join(([args.nvfp4_weights] if args.tails else []) + (["fp8"] if args.fp8_tails else [])
+    key = "-".join(([args.nvfp4_weights] if args.tails else []) + (["kvbf16"] if args.bf16_kv_proj else [])
+                   + (["fp8"] if args.fp8_tails else [])
                    + ([f"every{args.every}"] if args.every > 1 else []) + [f"ref{args.max_reference}"])
     rows = [{"name": cfg.name, "prefill": cfg.prefill, "decode": cfg.decode, "tail": str(cfg.tail),
              **results[cfg.name].row(args.greedy_tokens)}
-            for cfg in tail_configs(args.tails or [], args.fp8_tails)]
+            for cfg in tail_configs(args.tails or [], args.fp8_tails, args.bf16_kv_proj)]
     settings = (f"Model: {model}; dtype {args.dtype}; NVFP4 weights: {weights}.  \n"
                 f"Machine: {cpu_name()}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}.  \n"
                 f"Data: {len(cases)} assistant turns (every {args.every}. one) of the shipped agent conversations "
