@@ -30,7 +30,6 @@ benchmarks/RESULTS.md (its own section) unless --no-write.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -41,7 +40,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,8 +49,6 @@ from tqdm import tqdm
 from mixquant_serve import Engine, SamplingParams
 from mixquant_serve.config import ModelConfig
 from mixquant_serve.data import read_jsonl
-from mixquant_serve.layers.forward_context import get_forward_context
-from mixquant_serve.layers.linear import QKVLinear
 from mixquant_serve.layers.sampler import SampleOutput
 from mixquant_serve.models.embedded import cache_dir, resolve_model_path
 from mixquant_serve.tokenizer import Tokenizer
@@ -70,8 +66,9 @@ class RunConfig:
     # Mix-Quant's BF16 tail: prompt tokens at the end run in the decode precision; "turn": all the tokens
     # new since the previous assistant message; None: the engine's default (--bf16-tail-tokens)
     tail: int | str | None = None
-    # NVFP4 prefill computes the k and v columns of every qkv projection in BF16 (bf16_kv_projections)
-    kv_bf16: bool = False
+    # prefill computes the k and v columns of every qkv projection in the decode precision (the engine's
+    # --bf16-kv-proj); None: the engine's default
+    kv_bf16: bool | None = None
 
     def tail_tokens(self, case: Case) -> int | None:
         return case.turn if self.tail == "turn" else self.tail
@@ -82,6 +79,7 @@ CONFIGS = (
     RunConfig("NVFP4 e2e", "nvfp4", "nvfp4"),
     RunConfig("FP8 prefill + BF16 decode", "fp8", "bf16"),
     RunConfig("NVFP4 prefill + BF16 decode (Mix-Quant)", "nvfp4", "bf16"),
+    RunConfig("Mix-Quant, the paper's split (BF16 tail 1 token, NVFP4 K/V projections)", "nvfp4", "bf16", 1, False),
 )
 
 
@@ -91,11 +89,12 @@ def tail_name(tail: int | str) -> str:
 
 def tail_configs(tails: list[int | str], fp8_tails: list[int | str], kv_bf16: bool = False
                  ) -> tuple[RunConfig, ...]:
+    """The sweeps set the K/V projections' precision explicitly: BF16 with kv_bf16, else NVFP4/FP8."""
     """The BF16-tail sweep: BF16 (the baseline), NVFP4 e2e when NVFP4 tails are swept, then each tail."""
     configs = [CONFIGS[0], *([CONFIGS[1]] if tails else [])]
     kv = ", K/V projections BF16" if kv_bf16 else ""
     configs += [RunConfig(f"Mix-Quant, BF16 tail {tail_name(t)}{kv}", "nvfp4", "bf16", t, kv_bf16) for t in tails]
-    configs += [RunConfig(f"FP8 prefill, BF16 tail {tail_name(t)}", "fp8", "bf16", t) for t in fp8_tails]
+    configs += [RunConfig(f"FP8 prefill, BF16 tail {tail_name(t)}", "fp8", "bf16", t, False) for t in fp8_tails]
     return tuple(configs)
 
 
@@ -206,8 +205,9 @@ def set_phases(engine: Engine, cfg: RunConfig) -> None:
     held = set(engine.runner.config.precisions)  # what the engine was built with
     if not {cfg.prefill, cfg.decode} <= held:
         raise ValueError(f"{cfg.name} needs {cfg.prefill}/{cfg.decode}; the engine holds {sorted(held)}")
+    kv = engine.runner.config.bf16_kv_proj if cfg.kv_bf16 is None else cfg.kv_bf16
     engine.config = dataclasses.replace(engine.config, prefill_precision=cfg.prefill,
-                                        decode_precision=cfg.decode)
+                                        decode_precision=cfg.decode, bf16_kv_proj=kv)
 
 
 class ForcedSampler:
@@ -247,7 +247,7 @@ def bf16_shares(cfg: RunConfig, engine: Engine, cases: list[Case], prefill_token
     default = engine.config.bf16_tail_tokens
     tails = [min(c.turn, cfg.tail_tokens(c) or default) for c in cases]
     shares = 1 - prefill_tokens / total, sum(tails) / max(1, sum(c.turn for c in cases))
-    kv = kv_flop_share(engine.runner.model_config) if cfg.kv_bf16 else 0.0
+    kv = kv_flop_share(engine.runner.model_config) if engine.config.bf16_kv_proj else 0.0
     return tuple(s + (1 - s) * kv for s in shares)
 
 
@@ -255,28 +255,6 @@ def kv_flop_share(cfg: ModelConfig) -> float:
     """The k and v projections' share of a token's linear FLOPs (qkv, o, gate_up, down; lm_head not counted)."""
     q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
     return 2 * kv / (q + 2 * kv + q + 3 * inter)
-
-
-@contextlib.contextmanager
-def bf16_kv_projections() -> Iterator[None]:
-    """While open, NVFP4 qkv projections compute their k and v columns in BF16 (from the BF16 weights the
-    engine holds), so the prompt KV that decode attends to carries no NVFP4 projection error; q and the
-    other linears stay NVFP4. A harness emulation of a lever the engine does not have (issue 12)."""
-    original = QKVLinear.forward
-
-    def forward(self: QKVLinear, x: torch.Tensor) -> torch.Tensor:
-        out = original(self, x)
-        if get_forward_context().precision == "nvfp4":
-            q = self.output_sizes[0]
-            bias = None if self.bias is None else self.bias[q:]
-            out[..., q:] = torch.nn.functional.linear(x, self.impls["bf16"].weight[q:], bias)
-        return out
-
-    QKVLinear.forward = forward
-    try:
-        yield
-    finally:
-        QKVLinear.forward = original
 
 
 def _drive(engine: Engine, bar: tqdm, outputs: dict[str, list[int]] | None = None) -> None:
@@ -352,13 +330,11 @@ def evaluate(engine: Engine, cfg: RunConfig, cases: list[Case], baseline: dict |
         scores.top1.append(bool(ref.argmax() == row.argmax()))
 
     prefilled = engine.counters["computed_prefill_tokens"]
-    with bf16_kv_projections() if cfg.kv_bf16 else contextlib.nullcontext():
-        teacher_forced(engine, cases, sink, f"{cfg.name}: teacher-forced", group, cfg)
+    teacher_forced(engine, cases, sink, f"{cfg.name}: teacher-forced", group, cfg)
     scores.bf16_share, scores.reuse_share = bf16_shares(
         cfg, engine, cases, engine.counters["computed_prefill_tokens"] - prefilled)
     if greedy_tokens:
-        with bf16_kv_projections() if cfg.kv_bf16 else contextlib.nullcontext():
-                outs = greedy(engine, cases, greedy_tokens, f"{cfg.name}: greedy", group, cfg)
+        outs = greedy(engine, cases, greedy_tokens, f"{cfg.name}: greedy", group, cfg)
         ref_outs = outs if baseline is None else baseline["greedy"]
         scores.match = [_common_prefix(o, r) if o != r else greedy_tokens
                         for o, r in zip(outs, ref_outs, strict=True)]
@@ -503,7 +479,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "comma-separated token counts and/or 'turn' (the whole last turn), e.g. 1,16,64,256,turn")
     p.add_argument("--fp8-tails", type=parse_tails, default=[], help="the same sweep for FP8 prefill")
     p.add_argument("--bf16-kv-proj", action="store_true", help="with --tails: NVFP4 prefill computes the k and v "
-                   "columns of every qkv projection in BF16 (a harness emulation; BF16 share then counts FLOPs)")
+                   "columns of every qkv projection in BF16 (the engine's --bf16-kv-proj; the BF16 share then "
+                   "counts FLOPs); without it the sweep's prefill computes them in NVFP4")
     p.add_argument("--no-write", action="store_true", help="print the table only")
     return p.parse_args(argv)
 

@@ -33,6 +33,9 @@ _HELP = {
                           "precision (BF16 tails; prefill chunks when --prefill-precision is the decode one) "
                           "instead of alternating with them (default: on for CUDA, off on CPU)",
     "context_length": "longest prompt + output (default: the model's max_position_embeddings)",
+    "bf16_kv_proj": "Mix-Quant: while prefill runs in --prefill-precision, the k and v columns of every qkv "
+                    "projection are computed in the decode precision (BF16), so the prompt's KV carries no "
+                    "NVFP4/FP8 projection error (~4-6%% of prefill linear FLOPs in BF16)",
     "bf16_tail_tokens": "Mix-Quant: the last N prompt tokens of each request are computed in the decode precision "
                         "(BF16), on the decode worker when disaggregated, the rest in the prefill precision; "
                         "with session affinity only a turn's new tokens can be in the tail",

@@ -164,8 +164,12 @@ class EngineConfig:
     # when the prefill precision is the decode one) instead of alternating with them (None: on for CUDA)
     enable_mixed_chunk: bool | None = None
     # Mix-Quant: the last N prompt tokens of each request run in the decode precision (on the decode worker
-    # when disaggregated); 1 is the last token only, the paper's split; 64 from the sweep in RESULTS.md
-    bf16_tail_tokens: int = 64
+    # when disaggregated); 1 is the last token only, the paper's split
+    bf16_tail_tokens: int = 16
+    # Mix-Quant: during prefill in another precision, the k and v columns of every qkv projection come from
+    # the decode precision's weights, so the prompt KV that decode reads carries no quantized-projection error.
+    # With bf16_tail_tokens 16 this is the default picked from the sweep in benchmarks/RESULTS.md (issue 12)
+    bf16_kv_proj: bool = True
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:

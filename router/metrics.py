@@ -50,15 +50,17 @@ class WorkerCollector(Collector):
                                      "(as=serving) or that named it as prefill worker (as=prefill)",
                                      labels=[*labels, "as"])
         info = GaugeMetricFamily("mixquant_worker_info", "1 per worker, labelled with the precision each phase "
-                                 "runs in and its BF16 tail (prompt tokens at the end run in the decode precision)",
-                                 labels=[*labels, "prefill_precision", "decode_precision", "bf16_tail_tokens"])
+                                 "runs in, its BF16 tail (prompt tokens at the end run in the decode precision) and "
+                                 "whether prefill computes its K/V projections in the decode precision",
+                                 labels=[*labels, "prefill_precision", "decode_precision", "bf16_tail_tokens",
+                                         "bf16_kv_proj"])
         families: dict[str, GaugeMetricFamily] = {}
         for link in self.pool.links:
             label_values = [link.worker_id, link.url, link.role]
             healthy.add_metric(label_values, 1.0 if link.healthy else 0.0)
             if link.info is not None:
                 info.add_metric([*label_values, link.info.prefill_precision, link.info.decode_precision,
-                                 str(link.info.bf16_tail_tokens)], 1.0)
+                                 str(link.info.bf16_tail_tokens), str(link.info.bf16_kv_proj).lower()], 1.0)
             routed.add_metric([*label_values, "serving"], float(link.routed))
             routed.add_metric([*label_values, "prefill"], float(link.prefills_assigned))
             if link.stats is None:

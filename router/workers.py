@@ -248,6 +248,7 @@ class WorkerLink:
             "precision": ({"prefill": info.prefill_precision, "decode": info.decode_precision}
                           if info else None),
             "bf16_tail_tokens": info.bf16_tail_tokens if info else None,
+            "bf16_kv_proj": info.bf16_kv_proj if info else None,
             "load": {"running": stats.num_running, "waiting": stats.num_waiting,
                      "queued_tokens": stats.queued_tokens, "free_pages": stats.free_pages,
                      "assigned": self.assigned} if stats else {"assigned": self.assigned},

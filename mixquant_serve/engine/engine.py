@@ -116,8 +116,10 @@ class Engine:
             ("prompt_tokens", "cached_tokens", "computed_prefill_tokens", "generated_tokens",
              "requests_finished", "requests_aborted", "requests_failed", "kv_bytes_received",
              "remote_prefill_tokens"), 0)
-        log.info("engine ready: %s on %s, prefill=%s decode=%s, %d KV pages of %d tokens, weights %s",
-                 self.model_config.architecture, cfg.device, cfg.prefill_precision, cfg.decode_precision,
+        log.info("engine ready: %s on %s, prefill=%s decode=%s (BF16 tail %d tokens, K/V projections in %s), "
+                 "%d KV pages of %d tokens, weights %s", self.model_config.architecture, cfg.device,
+                 cfg.prefill_precision, cfg.decode_precision, cfg.bf16_tail_tokens,
+                 cfg.decode_precision if cfg.bf16_kv_proj and cfg.mixed_precision else cfg.prefill_precision,
                  self.pool.capacity, cfg.page_size, self.weight_summary())
         log.info("engine settings: attention=%s, chunked prefill %d tokens, up to %d running requests, "
                  "context %d, decode CUDA graphs %s, overlapped decode %s, decode rows mixed into %s",
@@ -187,10 +189,13 @@ class Engine:
         batch = self.scheduler.next_batch()
         if batch is None:
             return []
-        precision = self.config.prefill_precision if batch.phase is Phase.PREFILL else self.config.decode_precision
+        cfg = self.config
+        precision = cfg.prefill_precision if batch.phase is Phase.PREFILL else cfg.decode_precision
         hook = self.kv_hook if batch.phase is Phase.PREFILL and self.kv_hook is not None else None
+        kv = cfg.decode_precision if batch.phase is Phase.PREFILL and cfg.bf16_kv_proj else None
         try:
-            logits = self.runner.forward(batch, precision, None if hook is None else lambda i: hook(batch, i))
+            logits = self.runner.forward(batch, precision, None if hook is None else lambda i: hook(batch, i),
+                                         kv_precision=kv)
             self.scheduler.commit(batch)
             if batch.phase is Phase.PREFILL:
                 self.counters["computed_prefill_tokens"] += batch.num_prompt_tokens

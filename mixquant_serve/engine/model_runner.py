@@ -66,11 +66,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: Batch, precision: str, layer_done: Callable[[int], None] | None = None,
-                input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+                input_ids: torch.Tensor | None = None, kv_precision: str | None = None) -> torch.Tensor | None:
         """Compute the batch's new tokens (writing their KV); logits [num_sampling, vocab] float32.
 
         input_ids: the new tokens already on the device (a decode step launched ahead, engine/overlap.py);
-        by default they are read from the requests."""
+        by default they are read from the requests. kv_precision: the precision of the qkv projections' k and
+        v columns, if not `precision` (Mix-Quant's --bf16-kv-proj)."""
         ids: list[int] = []
         positions: list[int] = []
         seqs = []
@@ -87,7 +88,7 @@ class ModelRunner:
         if self._graph_fits(batch, precision, layer_done):
             return self.graphs.run(input_ids, pos, seqs)
         meta = self.attn.plan(seqs)
-        with forward_context(ForwardContext(precision, self.attn, meta, layer_done)):
+        with forward_context(ForwardContext(precision, self.attn, meta, layer_done, kv_precision)):
             hidden = self.model(input_ids, pos)
         if not rows:
             return None

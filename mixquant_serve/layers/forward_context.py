@@ -19,6 +19,8 @@ class ForwardContext:
     attn_meta: Any
     # called after each layer has written its KV (transfer backends overlap sending with compute)
     layer_done: Callable[[int], None] | None = None
+    # Mix-Quant: the precision of the k and v columns of qkv projections, when not `precision` (None: the same)
+    kv_precision: str | None = None
 
 
 _current: ForwardContext | None = None

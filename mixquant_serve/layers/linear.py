@@ -77,7 +77,11 @@ class MergedColumnLinear(LinearBase):
 
 
 class QKVLinear(LinearBase):
-    """q, k and v projections in one GEMM; checkpoint shards "q", "k", "v"."""
+    """q, k and v projections in one GEMM; checkpoint shards "q", "k", "v".
+
+    When the forward context names a `kv_precision` other than its precision (Mix-Quant's BF16 K/V
+    projections during a quantized prefill), the k and v columns come from that precision's weights: the
+    prompt's KV, which every later decode step reads, then carries no error of the quantized projection."""
 
     SHARDS = {"q": 0, "k": 1, "v": 2}
 
@@ -85,6 +89,23 @@ class QKVLinear(LinearBase):
                  precisions: Sequence[str], dtype: torch.dtype, device: torch.device | str) -> None:
         sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
         super().__init__(hidden, sizes, bias, precisions, dtype, device)
+
+    def _kv_precision(self) -> str | None:
+        ctx = get_forward_context()
+        return ctx.kv_precision if ctx.kv_precision not in (None, ctx.precision) else None
+
+    def input_quant(self) -> InputQuant | None:
+        return None if self._kv_precision() else super().input_quant()  # k/v need the plain input
+
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        out = super().forward(x)
+        if (kv := self._kv_precision()) is not None:
+            # the whole GEMM ran in the phase's precision; its k/v columns are replaced (one GEMM kernel per
+            # precision; computing only the q rows in the first would save (k+v)/(q+k+v) of it)
+            q = self.output_sizes[0]
+            bias = None if self.bias is None else self.bias[q:]
+            out[..., q:] = self.methods[kv].apply_rows(self.impls[kv], x, bias, slice(q, None))
+        return out
 
 
 class RowLinear(LinearBase):

@@ -81,6 +81,7 @@ class WorkerInfo(msgspec.Struct, tag=True, kw_only=True):
     prefill_precision: str
     decode_precision: str
     bf16_tail_tokens: int = 1  # Mix-Quant: prompt tokens at the end computed in the decode precision (1: older workers)
+    bf16_kv_proj: bool = False  # Mix-Quant: prefill's k/v projections in the decode precision (False: older workers)
     kv_layout: dict[str, int | str]
     weight_bytes: dict[str, int]
     pid: int = 0

@@ -89,6 +89,12 @@ class QuantMethod(ABC):
         x is a QuantizedActivation only if `input_quant` asked for one (and the producer could fuse it).
         """
 
+    def apply_rows(self, impl: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, rows: slice) -> torch.Tensor:
+        """Output columns `rows` of `apply` (bias: already those rows'); methods that can restrict their
+        GEMM to those weight rows override this."""
+        full = self.apply(impl, x, None)[..., rows]
+        return full if bias is None else full + bias
+
     def input_quant(self, impl: nn.Module) -> InputQuant | None:
         """The input this method would take quantized from the layer before (on CUDA), or None: plain x."""
         return None
@@ -128,6 +134,9 @@ class Unquantized(QuantMethod):
 
     def apply(self, impl: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return torch.nn.functional.linear(x, impl.weight, bias)
+
+    def apply_rows(self, impl: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, rows: slice) -> torch.Tensor:
+        return torch.nn.functional.linear(x, impl.weight[rows], bias)
 
 
 _REGISTRY: dict[str, str] = {

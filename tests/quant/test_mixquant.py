@@ -76,6 +76,7 @@ def checkpoints(tmp_path_factory, smollm_path):
 
 
 def _engine(bf16: str, nvfp4: str | None, prefill: str, decode: str, **kw) -> Engine:
+    kw.setdefault("bf16_kv_proj", False)  # the paper's split; the K/V lever has its own tests
     return Engine(bf16, dtype=kw.pop("dtype", "float32"), prefill_precision=prefill,
                   decode_precision=decode, quantized_model_path=nvfp4, max_total_tokens=1024,
                   context_length=512, **kw)
@@ -102,11 +103,14 @@ def _modelopt_fake_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.dequantize(dtype=x.dtype, scale=block_scales, double_scale=scale, block_sizes={-1: 16})
 
 
-def hf_nvfp4(bf16: str, nvfp4: str) -> torch.nn.Module:
-    """transformers' model with the checkpoint's NVFP4 weights and NVFP4 fake-quantized linear inputs."""
+def hf_nvfp4(bf16: str, nvfp4: str, keep: tuple[str, ...] = ()) -> torch.nn.Module:
+    """transformers' model with the checkpoint's NVFP4 weights and NVFP4 fake-quantized linear inputs;
+    linears whose name ends with one of `keep` stay as the BF16 checkpoint has them."""
     model = AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.float32).eval()
     tensors = load_file(str(Path(nvfp4) / "model.safetensors"))
     for name, mod in model.named_modules():
+        if name.endswith(keep) and keep:
+            continue
         if isinstance(mod, torch.nn.Linear) and f"{name}.weight_scale" in tensors:
             t = {s: tensors[f"{name}.{s}"] for s in ("weight", "weight_scale", "weight_scale_2")}
             mod.weight.data = dequantize_nvfp4(*t.values(), dtype=torch.float32)
@@ -177,6 +181,26 @@ def test_mixquant_bf16_tail_matches_hf_reference(checkpoints, references, tail):
     _close(rows, expected, atol=1e-4)
     _, one = _engine_greedy(_engine(bf16, nvfp4, "nvfp4", "bf16", bf16_tail_tokens=1), PROMPT)
     assert (one[0] - rows[0]).abs().max().item() > 1000 * 1e-4  # the tail changes the first logits
+
+
+@pytest.mark.parametrize("tail", [1, 16])
+def test_bf16_kv_projections_match_hf_reference(checkpoints, references, tail):
+    """--bf16-kv-proj: prefill in NVFP4 except the k_proj/v_proj linears, which keep their BF16 weights and
+    inputs (the reference), then the BF16 model runs the tail and decodes."""
+    bf16, nvfp4 = checkpoints
+    plain, quant = references
+    kv_reference = hf_nvfp4(bf16, nvfp4, keep=("k_proj", "v_proj"))
+    with torch.no_grad():
+        cache = kv_reference(torch.tensor([PROMPT[:-tail]]), use_cache=True).past_key_values
+        out = plain(torch.tensor([PROMPT[-tail:]]), past_key_values=cache, use_cache=True)
+    first = out.logits[0, -1].float()
+    expected = [first, *_continue(plain, out.past_key_values, int(first.argmax()), STEPS - 1)]
+    _, rows = _engine_greedy(_engine(bf16, nvfp4, "nvfp4", "bf16", bf16_tail_tokens=tail, bf16_kv_proj=True),
+                             PROMPT)
+    _close(rows, expected, atol=1e-4)
+    # the lever changes the logits: NVFP4 K/V projections give clearly different ones
+    _, off = _engine_greedy(_engine(bf16, nvfp4, "nvfp4", "bf16", bf16_tail_tokens=tail), PROMPT)
+    assert (off[0] - rows[0]).abs().max().item() > 1000 * 1e-4
 
 
 def test_bf16_tail_as_long_as_the_prompt_is_bf16_end_to_end(checkpoints):

@@ -64,13 +64,13 @@ def test_worker_info_names_each_phase_precision() -> None:
 
     link = FakeLink("a", "tcp://h:1", True, None, role="prefill",
                     info=SimpleNamespace(prefill_precision="nvfp4", decode_precision="nvfp4",
-                                         bf16_tail_tokens=64))
+                                         bf16_tail_tokens=64, bf16_kv_proj=True))
     registry = CollectorRegistry()
     registry.register(WorkerCollector(FakePool([link])))
     fams = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
     (s,) = fams["mixquant_worker_info"].samples
     assert s.value == 1 and s.labels["prefill_precision"] == "nvfp4" and s.labels["role"] == "prefill"
-    assert s.labels["bf16_tail_tokens"] == "64"
+    assert s.labels["bf16_tail_tokens"] == "64" and s.labels["bf16_kv_proj"] == "true"
 
 
 def test_session_metrics(monkeypatch) -> None:
