@@ -196,5 +196,13 @@ class EngineConfig:
         return tuple(dict.fromkeys((self.decode_precision, self.prefill_precision)))
 
     @property
+    def kv_proj_precision(self) -> str | None:
+        """What prefill computes the qkv projections' k/v columns in when not its own precision: BF16 with
+        bf16_kv_proj, if this engine holds BF16 weights (either phase in BF16); else None."""
+        if self.bf16_kv_proj and self.prefill_precision != "bf16" and "bf16" in self.precisions:
+            return "bf16"
+        return None
+
+    @property
     def mixed_precision(self) -> bool:
         return self.prefill_precision != self.decode_precision

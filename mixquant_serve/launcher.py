@@ -118,7 +118,10 @@ class Cluster:
             transfer = ["--transfer-backend", spec.transfer_backend]
             if spec.transfer_timeout is not None:
                 transfer += ["--transfer-timeout", str(spec.transfer_timeout)]
-            prefill_engine = replace(spec.engine, decode_precision=spec.engine.prefill_precision)
+            # a prefill worker holds its prefill precision, and BF16 too where it computes the prompt's K/V
+            # projections in BF16 (--bf16-kv-proj)
+            kv = spec.engine.bf16_kv_proj and "bf16" in (spec.engine.prefill_precision, spec.engine.decode_precision)
+            prefill_engine = replace(spec.engine, decode_precision="bf16" if kv else spec.engine.prefill_precision)
             decode_engine = replace(spec.engine, prefill_precision=spec.engine.decode_precision)
             p_urls, d_urls = [], []
             for i in range(spec.prefill_workers):

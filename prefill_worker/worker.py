@@ -55,6 +55,12 @@ class PrefillWorker(Worker):
         self.layout = engine.runner.layout
         self.jobs: dict[str, _Job] = {}
         engine.kv_hook = self._layer_done
+        cfg = engine.config
+        if cfg.bf16_kv_proj and cfg.prefill_precision != "bf16" and cfg.kv_proj_precision is None:
+            log.warning("--bf16-kv-proj: this prefill worker holds no BF16 weights (prefill %s, decode %s), so the "
+                        "prompt's K/V projections run in %s; start it with --decode-precision bf16 to hold them "
+                        "(mixquant-serve launch does)", cfg.prefill_precision, cfg.decode_precision,
+                        cfg.prefill_precision)
         self.transfer_counters = dict.fromkeys(
             ("kv_bytes_sent", "kv_transfers_ok", "kv_transfers_failed", "kv_transfer_seconds"), 0.0)
 

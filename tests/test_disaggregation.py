@@ -94,10 +94,11 @@ def test_nvfp4_prefill_disaggregated_equals_colocated_mixquant(smollm_path, tok)
     prompt tokens, and every decode step in BF16 on the decode worker) gives the colocated Mix-Quant engine's
     tokens and log-probabilities bit for bit, for every K tested (K=1: the last prompt token only, the split
     before the tail existed; K=64 is longer than two of the prompts, which then never leave the decode
-    worker); and they differ from BF16 end to end. One request per batch on both sides: quantize-at-load
-    NVFP4 scales activations by each batch's amax."""
+    worker); and they differ from BF16 end to end. The prefill worker holds BF16 weights too, as `launch` gives
+    it, so the prompt's K/V projections run in BF16 on both sides (--bf16-kv-proj, the default)."""
     p = WorkerProc("prefill_worker", *model_args(smollm_path), "--prefill-precision", "nvfp4",
-                   "--decode-precision", "nvfp4", name="mq-p").wait_ready()
+                   "--decode-precision", "bf16", name="mq-p").wait_ready()
+    assert p.info.bf16_kv_proj
     kw = dict(dtype="float32", decode_precision="bf16", context_length=2048, max_total_tokens=8192,
               chunked_prefill_size=256)
     mixquant = Engine(smollm_path, prefill_precision="nvfp4", **kw)

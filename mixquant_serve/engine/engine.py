@@ -119,7 +119,7 @@ class Engine:
         log.info("engine ready: %s on %s, prefill=%s decode=%s (BF16 tail %d tokens, K/V projections in %s), "
                  "%d KV pages of %d tokens, weights %s", self.model_config.architecture, cfg.device,
                  cfg.prefill_precision, cfg.decode_precision, cfg.bf16_tail_tokens,
-                 cfg.decode_precision if cfg.bf16_kv_proj and cfg.mixed_precision else cfg.prefill_precision,
+                 cfg.kv_proj_precision or cfg.prefill_precision,
                  self.pool.capacity, cfg.page_size, self.weight_summary())
         log.info("engine settings: attention=%s, chunked prefill %d tokens, up to %d running requests, "
                  "context %d, decode CUDA graphs %s, overlapped decode %s, decode rows mixed into %s",
@@ -192,7 +192,7 @@ class Engine:
         cfg = self.config
         precision = cfg.prefill_precision if batch.phase is Phase.PREFILL else cfg.decode_precision
         hook = self.kv_hook if batch.phase is Phase.PREFILL and self.kv_hook is not None else None
-        kv = cfg.decode_precision if batch.phase is Phase.PREFILL and cfg.bf16_kv_proj else None
+        kv = cfg.kv_proj_precision if batch.phase is Phase.PREFILL else None
         try:
             logits = self.runner.forward(batch, precision, None if hook is None else lambda i: hook(batch, i),
                                          kv_precision=kv)

@@ -101,7 +101,7 @@ class Worker:
             context_length=cfg.context_length, page_size=cfg.page_size, total_pages=eng.pool.capacity,
             max_running_requests=cfg.max_running_requests, prefill_precision=cfg.prefill_precision,
             decode_precision=cfg.decode_precision, bf16_tail_tokens=cfg.bf16_tail_tokens,
-            bf16_kv_proj=cfg.bf16_kv_proj and cfg.mixed_precision,
+            bf16_kv_proj=cfg.kv_proj_precision is not None,
             kv_layout=dataclasses.asdict(eng.runner.layout), weight_bytes=eng.runner.weight_bytes, pid=os.getpid())
 
     def stats(self) -> WorkerStats:

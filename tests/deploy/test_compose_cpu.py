@@ -179,7 +179,8 @@ def test_chat_completion_through_the_cpu_profile(cpu_cluster) -> None:
     assert 0 < r.usage.completion_tokens <= 16
     workers = {w["worker_id"]: w for w in httpx.get(router_base(mapping) + "/workers", timeout=10).json()}
     assert set(workers) == {"prefill-0", "decode-0"} and all(w["healthy"] for w in workers.values())
-    assert workers["prefill-0"]["precision"] == {"prefill": "nvfp4", "decode": "nvfp4"}
+    assert workers["prefill-0"]["precision"] == {"prefill": "nvfp4", "decode": "bf16"}  # BF16 for the K/V projections
+    assert workers["prefill-0"]["bf16_kv_proj"]
     assert workers["decode-0"]["precision"] == {"prefill": "bf16", "decode": "bf16"}
     health = httpx.get(router_base(mapping) + "/health", timeout=10).json()
     assert health["ready"] and (health["prefill_workers"], health["serving_workers"]) == (1, 1)
