@@ -98,14 +98,12 @@ class QKVLinear(LinearBase):
         return None if self._kv_precision() else super().input_quant()  # k/v need the plain input
 
     def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
-        out = super().forward(x)
-        if (kv := self._kv_precision()) is not None:
-            # the whole GEMM ran in the phase's precision; its k/v columns are replaced (one GEMM kernel per
-            # precision; computing only the q rows in the first would save (k+v)/(q+k+v) of it)
-            q = self.output_sizes[0]
-            bias = None if self.bias is None else self.bias[q:]
-            out[..., q:] = self.methods[kv].apply_rows(self.impls[kv], x, bias, slice(q, None))
-        return out
+        if (kv := self._kv_precision()) is None:
+            return super().forward(x)
+        p, q = get_forward_context().precision, self.output_sizes[0]
+        parts = [(p, slice(0, q)), (kv, slice(q, None))]  # q rows in the phase's precision, k/v rows in kv's
+        return torch.cat([self.methods[m].apply_rows(self.impls[m], x, None if self.bias is None else self.bias[sl], sl)
+                          for m, sl in parts], dim=-1)
 
 
 class RowLinear(LinearBase):

@@ -63,3 +63,6 @@ class FP8Method(QuantMethod):
         if isinstance(x, QuantizedActivation):
             return fp8_scaled_mm(x.data, x.scale, impl.weight, impl.weight_scale, bias, x.dtype)
         return fp8_linear(x, impl.weight, impl.weight_scale, bias, out_dtype=x.dtype)
+
+    def apply_rows(self, impl: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, rows: slice) -> torch.Tensor:
+        return fp8_linear(x, impl.weight[rows], impl.weight_scale[rows], bias, out_dtype=x.dtype)

@@ -183,62 +183,73 @@ class NVFP4Method(QuantMethod):
 
     def apply(self, impl: nn.Module, x: torch.Tensor | QuantizedActivation,
               bias: torch.Tensor | None) -> torch.Tensor:
+        return self._apply(impl, x, bias, slice(None))
+
+    def apply_rows(self, impl: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, rows: slice) -> torch.Tensor:
+        if impl.native is not None:  # Blackwell's swizzled block scales do not slice by rows
+            return super().apply_rows(impl, x, bias, rows)
+        return self._apply(impl, x, bias, rows)
+
+    def _apply(self, impl: nn.Module, x: torch.Tensor | QuantizedActivation, bias: torch.Tensor | None,
+               sl: slice) -> torch.Tensor:
+        """The GEMM over the weight's output rows `sl` (all of them for `apply`); bias: those rows'."""
         if isinstance(x, QuantizedActivation):  # NVFP4_FOLDED, made by the producer on CUDA
             rows = x.data.reshape(-1, x.data.shape[-1])
-            return self._folded_mm(impl, rows, bias).reshape(*x.data.shape[:-1], -1)
+            return self._folded_mm(impl, rows, bias, sl).reshape(*x.data.shape[:-1], -1)
         if impl.dense is not None:
-            return torch.nn.functional.linear(x, impl.dense, bias)
+            return torch.nn.functional.linear(x, impl.dense[sl], bias)
         k = x.shape[-1]
         rows = x.reshape(-1, k)
-        n = impl.weight.shape[0]
+        n = impl.weight[sl].shape[0]
         if rows.shape[0] == 0:
             return x.new_empty(*x.shape[:-1], n)
         if rows.is_cuda:
-            return self._apply_cuda(impl, rows.contiguous(), bias).reshape(*x.shape[:-1], n)
+            return self._apply_cuda(impl, rows.contiguous(), bias, sl).reshape(*x.shape[:-1], n)
         x_scale = impl.x_scale if impl.x_scale is not None else nvfp4_row_global_scale(rows)
-        out = self._gemm(impl, rows, x_scale)
-        out *= x_scale * impl.channel_scale  # [T, 1] or scalar times [N]: one float32 product per element
+        out = self._gemm(impl, rows, x_scale, sl)
+        out *= x_scale * impl.channel_scale[sl]  # [T, 1] or scalar times [N]: one float32 product per element
         if bias is not None:
             out += bias.float()
         return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
     @staticmethod
-    def _apply_cuda(impl: nn.Module, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _apply_cuda(impl: nn.Module, rows: torch.Tensor, bias: torch.Tensor | None, sl: slice) -> torch.Tensor:
         """Triton: fused activation quant-dequant, then the GEMM with global scales and bias in its epilogue."""
         from mixquant_serve.kernels.nvfp4_gemm import nvfp4_gemm
         from mixquant_serve.kernels.nvfp4_quant import nvfp4_quantize, nvfp4_quantize_dequantize
         from mixquant_serve.kernels.scaled_mm import scaled_mm
 
-        if impl.native is not None:  # Blackwell: FP4 tensor cores on the packed operands
+        if impl.native is not None:  # Blackwell: FP4 tensor cores on the packed operands (all rows: apply_rows)
             packed, scales, x_scale = nvfp4_quantize(rows, impl.x_scale)
             return nvfp4_blackwell.native_mm(packed, scales, impl.native, x_scale, impl.channel_scale, bias,
                                              rows.dtype)
 
         if impl.alpha is not None:  # cuBLAS, scales folded or in alpha (a bfloat16 model)
             x_op, _ = nvfp4_quantize_dequantize(rows, impl.x_scale, fold_global=impl.x_scale is None)
-            return NVFP4Method._folded_mm(impl, x_op, bias)
+            return NVFP4Method._folded_mm(impl, x_op, bias, sl)
         x_blocks, x_scale = nvfp4_quantize_dequantize(rows, impl.x_scale, out_dtype=torch.bfloat16)
         if impl.cache is None:  # the packed weight, decoded tile by tile in the GEMM
-            return nvfp4_gemm(x_blocks, impl.weight, impl.weight_scale, x_scale, impl.channel_scale, bias,
-                              out_dtype=rows.dtype)
-        return scaled_mm(x_blocks, impl.cache, x_scale, impl.channel_scale, bias, out_dtype=rows.dtype)
+            return nvfp4_gemm(x_blocks, impl.weight[sl], impl.weight_scale[sl], x_scale, impl.channel_scale[sl],
+                              bias, out_dtype=rows.dtype)
+        return scaled_mm(x_blocks, impl.cache[sl], x_scale, impl.channel_scale[sl], bias, out_dtype=rows.dtype)
 
     @staticmethod
-    def _folded_mm(impl: nn.Module, x_op: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _folded_mm(impl: nn.Module, x_op: torch.Tensor, bias: torch.Tensor | None, sl: slice) -> torch.Tensor:
         """cuBLAS on the exact operands: the activation's scale folded in (or, static, in alpha with the
         weight's), float32 accumulation, ``alpha`` and the bias in the float32 epilogue, one rounding."""
+        w = impl.cache[sl]
         if bias is None:
-            return torch.addmm(x_op.new_zeros(()), x_op, impl.cache.T, beta=0, alpha=impl.alpha)
-        return torch.addmm(bias, x_op, impl.cache.T, alpha=impl.alpha)
+            return torch.addmm(x_op.new_zeros(()), x_op, w.T, beta=0, alpha=impl.alpha)
+        return torch.addmm(bias, x_op, w.T, alpha=impl.alpha)
 
     @staticmethod
-    def _gemm(impl: nn.Module, rows: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+    def _gemm(impl: nn.Module, rows: torch.Tensor, x_scale: torch.Tensor, sl: slice) -> torch.Tensor:
         """float32 ``x_blocks @ w_blocks^T`` without global scales (the emulated FP4 tensor-core GEMM)."""
         operand = _operand_dtype(rows.device)
         x_blocks = dequantize_nvfp4_blocks(*quantize_nvfp4(rows, x_scale), dtype=operand)
-        w_blocks = impl.cache
+        w_blocks = impl.cache[sl] if impl.cache is not None else None
         if w_blocks is None:
-            w_blocks = dequantize_nvfp4_blocks(impl.weight, impl.weight_scale, dtype=operand)
+            w_blocks = dequantize_nvfp4_blocks(impl.weight[sl], impl.weight_scale[sl], dtype=operand)
         return nvfp4._mm_float32(x_blocks, w_blocks.T)
 
     # -- memory -------------------------------------------------------------------------------------

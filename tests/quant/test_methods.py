@@ -215,3 +215,45 @@ def test_weight_and_cache_bytes():
     nv = layer.methods["nvfp4"]
     assert nv.cache_bytes(layer.impls["nvfp4"]) == n * K * 4  # float32 dequantized weight on CPU
     assert layer.methods["bf16"].cache_bytes(layer.impls["bf16"]) == 0
+
+
+@pytest.mark.parametrize("cache", ["1", "0"])
+@pytest.mark.parametrize("precision", ["bf16", "fp8", "nvfp4"])
+def test_apply_rows_is_those_columns_of_apply(monkeypatch, precision, cache):
+    """A method restricted to some output rows (the q rows of a qkv projection whose k/v run in BF16) gives
+    those columns of its full output."""
+    monkeypatch.setenv("MIXQUANT_NVFP4_WEIGHT_CACHE", cache)
+    layer = _merged(("bf16", precision), bias=True)
+    _load_shards(layer, _weight(3))
+    layer.load("bias", torch.randn(sum(SIZES), generator=torch.Generator().manual_seed(4)))
+    layer.process_after_loading()
+    x = torch.randn(5, layer.input_size, generator=torch.Generator().manual_seed(5)) * 3
+    method, impl = layer.methods[precision], layer.impls[precision]
+    full = method.apply(impl, x, layer.bias)
+    for sl in (slice(0, SIZES[0]), slice(SIZES[0], None)):
+        part = method.apply_rows(impl, x, layer.bias[sl], sl)
+        torch.testing.assert_close(part, full[:, sl], rtol=1e-6, atol=1e-6)
+
+
+def test_qkv_k_v_columns_from_the_kv_precision():
+    """With a K/V precision in the forward context, a qkv layer's q columns come from the phase's precision
+    and its k/v columns from the K/V precision's weights; without one, all from the phase's."""
+    from mixquant_serve.layers.linear import QKVLinear
+
+    layer = QKVLinear(64, 16, 2, 1, True, ("bf16", "nvfp4"), torch.float32, "cpu")
+    w = torch.randn(64, 64, generator=torch.Generator().manual_seed(6)) * 0.1
+    for i, (start, n) in enumerate(((0, 32), (32, 16), (48, 16))):
+        layer.load("weight", w[start : start + n], i)
+    layer.load("bias", torch.randn(64, generator=torch.Generator().manual_seed(7)))
+    layer.process_after_loading()
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(8))
+    with forward_context(ForwardContext("nvfp4", None, None)):
+        quant = layer(x)
+    with forward_context(ForwardContext("bf16", None, None)):
+        plain = layer(x)
+    with forward_context(ForwardContext("nvfp4", None, None, kv_precision="bf16")):
+        assert layer.input_quant() is None  # the k/v columns need the plain input
+        mixed = layer(x)
+    torch.testing.assert_close(mixed[:, :32], quant[:, :32], rtol=1e-6, atol=1e-6)
+    assert torch.equal(mixed[:, 32:], plain[:, 32:])
+    assert not torch.allclose(quant[:, 32:], plain[:, 32:], atol=1e-3)  # NVFP4 k/v would have differed

@@ -87,3 +87,21 @@ def test_nvfp4_method_static_input_scale(shared):
     ref = torch.cat([nvfp4_matmul(x, p, bs, g, input_global_scale=torch.tensor(0.003), out_dtype=torch.float32)
                      for p, bs, g in parts], dim=-1).to(torch.bfloat16)
     assert _close(out, ref)
+
+
+@pytest.mark.parametrize("cache", ["1", "0"])  # 1: cuBLAS on the cached weight; 0: the packed-weight GEMM
+@pytest.mark.parametrize("precision", ["fp8", "nvfp4"])
+def test_apply_rows_is_those_columns_of_apply(monkeypatch, precision, cache):
+    """The q rows alone (a qkv projection whose k/v columns run in BF16, --bf16-kv-proj)."""
+    monkeypatch.setenv("MIXQUANT_NVFP4_WEIGHT_CACHE", cache)
+    gen = torch.Generator().manual_seed(11)
+    layer = LinearBase(K, SIZES, True, ("bf16", precision), torch.bfloat16, "cuda")
+    for i, n in enumerate(SIZES):
+        layer.load("weight", (torch.randn(n, K, generator=gen) * 0.05).to(torch.bfloat16).cuda(), i)
+    layer.load("bias", torch.randn(sum(SIZES), generator=gen).to(torch.bfloat16).cuda())
+    layer.process_after_loading()
+    x = _inputs(129, 12).cuda()
+    method, impl = layer.methods[precision], layer.impls[precision]
+    full = method.apply(impl, x, layer.bias)
+    for sl in (slice(0, SIZES[0]), slice(SIZES[0], None)):
+        assert _close(method.apply_rows(impl, x, layer.bias[sl], sl), full[:, sl])
