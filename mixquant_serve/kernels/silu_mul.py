@@ -43,6 +43,18 @@ def _silu_mul_chunk(x_ptr, row_off, inter, k0, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _silu_mul_row_amax(x_ptr, row_off, inter, BLOCK: tl.constexpr):
+    """``nan_amax`` of a row's ``silu(gate) * up`` (as rounded), computed BLOCK columns at a time."""
+    amax = tl.zeros([BLOCK], tl.float32)
+    for k0 in range(0, inter, BLOCK):
+        y, _, _ = _silu_mul_chunk(x_ptr, row_off, inter, k0, BLOCK)
+        y = y.to(tl.float32)
+        # elementwise running max that keeps a NaN once seen (tl.maximum may drop it)
+        amax = tl.where((y != y) | (amax != amax), float("nan"), tl.maximum(amax, tl.abs(y)))
+    return nan_amax(amax)
+
+
+@triton.jit
 def _silu_mul_kernel(x_ptr, out_ptr, inter, x_stride, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     y, cols, mask = _silu_mul_chunk(x_ptr, row * x_stride, inter, tl.program_id(1) * BLOCK, BLOCK)
@@ -56,13 +68,7 @@ def _silu_mul_fp8_kernel(x_ptr, q_ptr, s_ptr, inter, x_stride, BLOCK: tl.constex
     the first pass left in L2) quantized with the row's scale. Small chunks keep many rows in flight."""
     row = tl.program_id(0).to(tl.int64)
     row_off = row * x_stride
-    amax = tl.zeros([BLOCK], tl.float32)
-    for k0 in range(0, inter, BLOCK):
-        y, _, _ = _silu_mul_chunk(x_ptr, row_off, inter, k0, BLOCK)
-        y = y.to(tl.float32)
-        # elementwise running max that keeps a NaN once seen (tl.maximum may drop it)
-        amax = tl.where((y != y) | (amax != amax), float("nan"), tl.maximum(amax, tl.abs(y)))
-    scale = amax_scale(nan_amax(amax), MIN_AMAX)
+    scale = amax_scale(_silu_mul_row_amax(x_ptr, row_off, inter, BLOCK), MIN_AMAX)
     tl.store(s_ptr + row, scale)
     for k0 in range(0, inter, BLOCK):
         y, cols, mask = _silu_mul_chunk(x_ptr, row_off, inter, k0, BLOCK)
@@ -76,12 +82,7 @@ def _silu_mul_nvfp4_kernel(x_ptr, out_ptr, gs_ptr, inter, x_stride, BLOCK: tl.co
     power-of-two scale folded in."""
     row = tl.program_id(0).to(tl.int64)
     row_off = row * x_stride
-    amax = tl.zeros([BLOCK], tl.float32)
-    for k0 in range(0, inter, BLOCK):
-        y, _, _ = _silu_mul_chunk(x_ptr, row_off, inter, k0, BLOCK)
-        y = y.to(tl.float32)
-        amax = tl.where((y != y) | (amax != amax), float("nan"), tl.maximum(amax, tl.abs(y)))
-    gs = row_pow2_scale(nan_amax(amax), gs_ptr + row, AMAX_FLOOR)
+    gs = row_pow2_scale(_silu_mul_row_amax(x_ptr, row_off, inter, BLOCK), gs_ptr + row, AMAX_FLOOR)
     for k0 in range(0, inter, BLOCK):
         y, _, _ = _silu_mul_chunk(x_ptr, row_off, inter, k0, BLOCK)
         qdq_fold_store(y.to(tl.float32), gs, out_ptr + row * inter, k0, inter, BLOCK // 16, HW)
