@@ -9,8 +9,9 @@ On the GPU the E4M3 rounding is the hardware conversion (``cvt.rn.satfinite`` on
 as torch's cast); in Triton's CPU interpreter, whose conversion does not round to nearest-even, it is done
 in integer arithmetic (``e4m3_round``, also the oracle of the GPU path in the tests). The integer path costs
 about 30 ALU operations an element and made the kernel compute-bound (28% of copy bandwidth on an H200).
-``nvfp4_quant.py`` uses the same switch for its block scales. ``quantize_row_store`` is the per-row
-epilogue that ``rmsnorm.py`` and ``silu_mul.py`` fuse into their kernels (``rmsnorm_fp8``, ``silu_mul_fp8``).
+``nvfp4_quant.py`` uses the same switch for its block scales. The fused producers reuse the epilogue:
+``quantize_row_store`` for a row held in registers (``rmsnorm_fp8``), ``amax_scale`` and ``quantize_store``
+for a row read in chunks (``silu_mul_fp8``).
 """
 
 from __future__ import annotations
@@ -114,8 +115,8 @@ def amax_scale(amax, MIN_AMAX: tl.constexpr):
 def quantize_row_store(x, q_ptrs, s_ptr, mask, BLOCK: tl.constexpr, MIN_AMAX: tl.constexpr, HW: tl.constexpr):
     """Per-token FP8 of one whole row held in registers: codes to ``q_ptrs``, its float32 scale to ``s_ptr``.
 
-    ``x [BLOCK]`` float32, 0 where ``mask`` is False. The epilogue that the fused RMSNorm and SiLU-mul
-    kernels share with ``fp8_quantize_per_token``, so all give the same bits.
+    ``x [BLOCK]`` float32, 0 where ``mask`` is False. The epilogue that the fused RMSNorm kernel shares with
+    ``fp8_quantize_per_token``, so both give the same bits.
     """
     scale = amax_scale(nan_amax(x), MIN_AMAX)
     tl.store(s_ptr, scale)

@@ -14,9 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mixquant_serve.kernels.fp8_quant import check_triton_device
 from mixquant_serve.kernels.nvfp4_quant import _e2m1_value
-from mixquant_serve.kernels.scaled_mm import _HOPPER_CONFIGS, _tile_ids, scaled_epilogue
+from mixquant_serve.kernels.scaled_mm import _HOPPER_CONFIGS, _tile_ids, check_epilogue, scaled_epilogue
 
 _OPERAND_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -79,7 +78,7 @@ _INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 
 def _check(a: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, row_scale: torch.Tensor,
            col_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
-    m, k = a.shape if a.dim() == 2 else (0, -1)
+    k = a.shape[1] if a.dim() == 2 else -1
     if a.dim() != 2 or k % 16 or a.dtype not in _OPERAND_DTYPES:
         raise ValueError(f"want a [M, K] float16/bfloat16/float32 with K a multiple of 16, got {tuple(a.shape)} "
                          f"{a.dtype}")
@@ -89,16 +88,7 @@ def _check(a: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, row_
                          f"{tuple(w_packed.shape)} {w_packed.dtype}")
     if w_scales.dtype != torch.float8_e4m3fn or tuple(w_scales.shape) != (n, k // 16) or w_scales.stride(1) != 1:
         raise ValueError(f"block scales must be e4m3 [N, K/16] = [{n}, {k // 16}], got {tuple(w_scales.shape)}")
-    if row_scale.dtype != torch.float32 or row_scale.numel() not in (1, m):
-        raise ValueError(f"row_scale must be float32, a scalar or [M]={m}, got {tuple(row_scale.shape)}")
-    if col_scale.dtype != torch.float32 or col_scale.numel() != n:
-        raise ValueError(f"col_scale must be float32 [N]={n}, got {tuple(col_scale.shape)} {col_scale.dtype}")
-    if bias is not None and bias.numel() != n:
-        raise ValueError(f"bias must be [N]={n}, got {tuple(bias.shape)}")
-    tensors = [a, w_packed, w_scales, row_scale, col_scale] + ([] if bias is None else [bias])
-    if any(t.device != a.device for t in tensors):
-        raise ValueError("nvfp4_gemm needs every tensor on one device")
-    check_triton_device(a)
+    check_epilogue("nvfp4_gemm", a, [w_packed, w_scales], row_scale, col_scale, bias, n)
 
 
 def nvfp4_gemm(a: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, row_scale: torch.Tensor,

@@ -97,7 +97,13 @@ def _check(a: torch.Tensor, b: torch.Tensor, row_scale: torch.Tensor, col_scale:
     if a.dtype != b.dtype or a.dtype not in _OPERAND_DTYPES or out_dtype not in _OUT_DTYPES:
         raise ValueError(f"operands must share a float16/bfloat16/float32 dtype, got {a.dtype}, {b.dtype} "
                          f"-> {out_dtype}")
-    m, n = a.shape[0], b.shape[0]
+    check_epilogue("scaled_mm", a, [b], row_scale, col_scale, bias, b.shape[0])
+
+
+def check_epilogue(name: str, a: torch.Tensor, weights: list[torch.Tensor], row_scale: torch.Tensor,
+                   col_scale: torch.Tensor, bias: torch.Tensor | None, n: int) -> None:
+    """The checks of what `scaled_epilogue` reads (scales, bias) and of the devices, shared by the GEMMs."""
+    m = a.shape[0]
     if row_scale.dtype != torch.float32 or row_scale.numel() not in (1, m):
         raise ValueError(f"row_scale must be float32, a scalar or [M]={m}, got {tuple(row_scale.shape)} "
                          f"{row_scale.dtype}")
@@ -105,9 +111,9 @@ def _check(a: torch.Tensor, b: torch.Tensor, row_scale: torch.Tensor, col_scale:
         raise ValueError(f"col_scale must be float32 [N]={n}, got {tuple(col_scale.shape)} {col_scale.dtype}")
     if bias is not None and bias.numel() != n:
         raise ValueError(f"bias must be [N]={n}, got {tuple(bias.shape)}")
-    tensors = [a, b, row_scale, col_scale] + ([] if bias is None else [bias])
+    tensors = [a, *weights, row_scale, col_scale] + ([] if bias is None else [bias])
     if any(t.device != a.device for t in tensors):
-        raise ValueError("scaled_mm needs every tensor on one device")
+        raise ValueError(f"{name} needs every tensor on one device")
     check_triton_device(a)
 
 

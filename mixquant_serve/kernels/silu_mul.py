@@ -6,7 +6,7 @@ rounded again.
 
 ``silu_mul_fp8`` quantizes that rounded product per token to FP8 in the same kernel, with ``fp8_quant.py``'s
 epilogue: the bits of ``fp8_quantize_per_token(silu_mul(x))``. It needs the row's amax before any code, so a
-program takes a whole row, in chunks of up to FP8_CHUNK, twice (``silu_mul`` splits a row into blocks of up to
+program takes a whole row, in chunks of up to FUSED_CHUNK, twice (``silu_mul`` splits a row into blocks of up to
 1024 over programs). A whole row in registers (12,288 wide for Qwen3-8B) measured slower than the unfused pair.
 ``silu_mul_nvfp4`` does the same with ``nvfp4_quant.py``'s epilogue: the NVFP4 operand, scale folded in.
 """
@@ -27,7 +27,7 @@ from mixquant_serve.kernels.fp8_quant import (
 )
 from mixquant_serve.kernels.nvfp4_quant import AMAX_FLOOR, BLOCK_SIZE, qdq_fold_store, row_pow2_scale
 
-FP8_CHUNK = 2048  # columns per step of the fused FP8 and NVFP4 kernels
+FUSED_CHUNK = 2048  # columns per step of the fused FP8 and NVFP4 kernels
 
 
 @triton.jit
@@ -119,7 +119,7 @@ def silu_mul_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     inter = x.shape[-1] // 2
     q = torch.empty(rows.shape[0], inter, dtype=torch.uint8, device=x.device)
     scale = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=x.device)
-    block = min(FP8_CHUNK, triton.next_power_of_2(inter))
+    block = min(FUSED_CHUNK, triton.next_power_of_2(inter))
     if rows.shape[0]:
         _silu_mul_fp8_kernel[(rows.shape[0],)](rows, q, scale, inter, rows.stride(0), BLOCK=block, MIN_AMAX=MIN_AMAX,
                                                HW=hardware_cast(x), num_warps=max(1, min(8, block // 256)))
@@ -137,7 +137,7 @@ def silu_mul_nvfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"NVFP4 needs a width that is a multiple of {BLOCK_SIZE}, got {inter}")
     out = torch.empty(rows.shape[0], inter, dtype=x.dtype, device=x.device)
     scale = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=x.device)
-    block = max(16, min(FP8_CHUNK, triton.next_power_of_2(inter)))
+    block = max(16, min(FUSED_CHUNK, triton.next_power_of_2(inter)))
     if rows.shape[0]:
         _silu_mul_nvfp4_kernel[(rows.shape[0],)](rows, out, scale, inter, rows.stride(0), BLOCK=block,
                                                  AMAX_FLOOR=AMAX_FLOOR, HW=hardware_cast(x),

@@ -1,5 +1,6 @@
 """Gated activation of the MLP: act(gate) * up over a merged [.., 2*I] projection (SiLU on CUDA: one kernel,
-which also quantizes its output when the next linear's `input_quant` asks for FP8 per token)."""
+which also quantizes its output when the next linear's `input_quant` asks for FP8 per token or the folded
+NVFP4 operand)."""
 
 from __future__ import annotations
 
