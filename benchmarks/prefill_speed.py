@@ -4,6 +4,13 @@ the same run.
 
     python benchmarks/prefill_speed.py [--lengths 2048,8192,32768] [--precisions bf16,fp8,nvfp4] [--no-hf]
                                        [--repeats 3] [--out DIR] [--record] [--engine-arg KEY=VALUE ...]
+                                       [--relative-to SPEC]
+
+A precision may carry engine settings of its own, `PRECISION:KEY=VALUE[:KEY=VALUE...]`, so that one run
+compares variants of one precision, e.g. the Mix-Quant levers (issue 12):
+    --precisions bf16,nvfp4:bf16_kv_proj=false:bf16_tail_tokens=1,nvfp4 \
+    --relative-to nvfp4:bf16_kv_proj=false:bf16_tail_tokens=1
+(--relative-to adds a column: each row's time over that variant's time at the same length.)
 
 Model: Qwen3-8B's shapes (vocab cut to 49152) with random bf16 weights, built on the device and saved to a
 folder (see _gpu_common.py), loaded by `Engine(prefill_precision=P, decode_precision="bf16")`, one engine per
@@ -50,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per cell after one warm-up (median)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     p.add_argument("--chunk", type=int, default=0, help="chunked_prefill_size (default: the longest prompt)")
+    p.add_argument("--relative-to", default=None, metavar="SPEC", help="add a column: time over the time of this "
+                   "entry of --precisions at the same length")
     return p.parse_args(argv)
 
 
@@ -65,28 +74,37 @@ class Prompts:
         return self.make(1, length, self.seed)[0]
 
 
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """`PRECISION[:KEY=VALUE...]` -> (precision, engine settings of this variant)."""
+    precision, *pairs = spec.split(":")
+    return precision, common.parse_engine_args(pairs)
+
+
 def median_ms(run, prompts: Prompts, length: int, repeats: int, device: str) -> float:
     """One warm-up run, then the median of `repeats` runs, each on a fresh prompt."""
     times = [common.timed(partial(run, prompts(length)), device)[0] for _ in range(repeats + 1)]
     return statistics.median(times[1:]) * 1e3
 
 
-def engine_cells(path: str, precision: str, args: argparse.Namespace, prompts: Prompts, extra: dict) -> list[dict]:
+def engine_cells(path: str, spec: str, args: argparse.Namespace, prompts: Prompts, extra: dict) -> list[dict]:
     from mixquant_serve import SamplingParams
 
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     longest = max(args.lengths)
-    engine = common.make_engine(path, args.device, extra, prefill_precision=precision, decode_precision="bf16",
-                                enable_prefix_caching=False, max_running_requests=1, context_length=longest + 16,
-                                chunked_prefill_size=max(args.chunk, longest))
-    common.log(TAG, f"engine {precision}: {engine.weight_summary()}")
+    precision, own = parse_spec(spec)
+    engine = common.make_engine(path, args.device, {**extra, **own}, prefill_precision=precision,
+                                decode_precision="bf16", enable_prefix_caching=False, max_running_requests=1,
+                                context_length=longest + 16, chunked_prefill_size=max(args.chunk, longest))
+    c = engine.config
+    common.log(TAG, f"engine {spec}: {engine.weight_summary()}; bf16 tail {c.bf16_tail_tokens}, k/v projections "
+                    f"{c.kv_proj_precision or c.prefill_precision}")
 
     def run(ids: list[int]) -> None:
         out = engine.generate([ids], params)[0]
         if out.error or len(out.token_ids) != 1:
             raise RuntimeError(f"engine run failed: {out.error or out.token_ids}")
 
-    return [cell(precision, n, lambda n=n: median_ms(run, prompts, n, args.repeats, args.device)) for n in args.lengths]
+    return [cell(spec, n, lambda n=n: median_ms(run, prompts, n, args.repeats, args.device)) for n in args.lengths]
 
 
 def hf_cells(path: str, args: argparse.Namespace, prompts: Prompts) -> list[dict]:
@@ -111,8 +129,8 @@ def cell(precision: str, tokens: int, measure) -> dict:
     return {"precision": precision, "tokens": tokens, "ms": ms}
 
 
-def derive(rows: list[dict], shape: common.Shape, peak_tflops: float) -> None:
-    """tokens/s, MFU and the ratios (bf16 ms / ms, HF ms / ms), in place."""
+def derive(rows: list[dict], shape: common.Shape, peak_tflops: float, relative_to: str | None = None) -> None:
+    """tokens/s, MFU and the ratios (bf16 ms / ms, HF ms / ms; with relative_to, ms / its ms), in place."""
     ms_of = {(r["precision"], r["tokens"]): r["ms"] for r in rows}
     for r in rows:
         if r["ms"] is None:
@@ -123,20 +141,23 @@ def derive(rows: list[dict], shape: common.Shape, peak_tflops: float) -> None:
         for key, ref in (("vs_bf16", "bf16"), ("vs_hf", HF)):
             base = ms_of.get((ref, r["tokens"]))
             r[key] = base / r["ms"] if base else None
+        if relative_to:
+            base = ms_of.get((relative_to, r["tokens"]))
+            r["time_vs_ref"] = r["ms"] / base if base else None
 
 
-def render(rows: list[dict]) -> str:
+def render(rows: list[dict], relative_to: str | None = None) -> str:
     headers = ["prompt tokens", "prefill precision", "ms", "tokens/s", "TFLOP/s", "MFU",
-               "speed vs engine bf16", "speed vs HF"]
+               "speed vs engine bf16", "speed vs HF"] + ([f"time vs {relative_to}"] if relative_to else [])
     body = []
     for r in sorted(rows, key=lambda r: (r["tokens"], r["precision"] != HF)):
         name = "HF transformers (sdpa, bf16)" if r["precision"] == HF else f"engine {r['precision']}"
         if r["ms"] is None:
-            body.append([r["tokens"], name, f"failed: {r['error'][:80]}", "-", "-", "-", "-", "-"])
+            body.append([r["tokens"], name, f"failed: {r['error'][:80]}"] + ["-"] * (len(headers) - 3))
             continue
         body.append([r["tokens"], name, common.fmt(r["ms"]), f"{r['tokens_per_s']:.0f}", common.fmt(r["tflops"], 1),
                      f"{r['mfu']:.1%}", common.fmt(r.get("vs_bf16")) if r["precision"] != HF else "-",
-                     common.fmt(r.get("vs_hf"))])
+                     common.fmt(r.get("vs_hf"))] + ([common.fmt(r.get("time_vs_ref"))] if relative_to else []))
     return common.md_table(headers, body)
 
 
@@ -153,13 +174,13 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def measure(run: dict, path: str, args: argparse.Namespace) -> None:
     prompts = Prompts(path)
     extra = common.parse_engine_args(args.engine_arg)
-    for precision in [p for p in args.precisions.split(",") if p]:
-        common.log(TAG, f"engine, prefill {precision}")
+    for spec in [p for p in args.precisions.split(",") if p]:
+        common.log(TAG, f"engine, prefill {spec}")
         try:
-            run["rows"] += engine_cells(path, precision, args, prompts, extra)
+            run["rows"] += engine_cells(path, spec, args, prompts, extra)
         except Exception as e:  # the engine did not build (e.g. a precision this GPU cannot run)
-            common.log(TAG, f"engine {precision} FAILED to build: {type(e).__name__}: {e}")
-            run["rows"] += [{"precision": precision, "tokens": n, "ms": None, "error": f"build: {e}"[:300]}
+            common.log(TAG, f"engine {spec} FAILED to build: {type(e).__name__}: {e}")
+            run["rows"] += [{"precision": spec, "tokens": n, "ms": None, "error": f"build: {e}"[:300]}
                             for n in args.lengths]
         common.free_memory()  # the engine went out of scope with engine_cells
     if not args.no_hf:
@@ -170,9 +191,10 @@ def measure(run: dict, path: str, args: argparse.Namespace) -> None:
 
 def report(run: dict, args: argparse.Namespace) -> bool:
     shape = common.Shape(**run["model"])
-    derive(run["rows"], shape, run["limits"]["peak"]["tflops"])
+    relative_to = run.get("relative_to")
+    derive(run["rows"], shape, run["limits"]["peak"]["tflops"], relative_to)
     table = (f"{shape.describe()}, random bf16 weights; median of {run['repeats']} runs after one "
-             f"warm-up{common.engine_args_note(run)}.\n\n" + render(run["rows"]))
+             f"warm-up{common.engine_args_note(run)}.\n\n" + render(run["rows"], relative_to))
     common.write_outputs(run, table, "prefill_speed", args, SECTION, INTRO)
     if args.out:
         plot(run["rows"], Path(args.out, "prefill_speed.png"), common.env_line(run)[:110])
@@ -181,7 +203,9 @@ def report(run: dict, args: argparse.Namespace) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    common.run_benchmark(args, {"repeats": args.repeats}, measure, report)
+    if args.relative_to and args.relative_to not in args.precisions.split(","):
+        raise SystemExit(f"--relative-to {args.relative_to!r} is not one of --precisions {args.precisions!r}")
+    common.run_benchmark(args, {"repeats": args.repeats, "relative_to": args.relative_to}, measure, report)
 
 
 if __name__ == "__main__":

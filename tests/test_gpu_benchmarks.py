@@ -200,6 +200,25 @@ def test_gpu_bench_sh_runs_prefill_speed(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
+def test_prefill_speed_variants_of_one_precision(tiny_model, tmp_path):
+    """PRECISION:KEY=VALUE variants get their own engine settings, row and label; --relative-to divides by one."""
+    paper = "nvfp4:bf16_kv_proj=false:bf16_tail_tokens=1"
+    proc = run_script("prefill_speed.py", "--tiny", "--model-dir", tiny_model, "--lengths", "48",
+                      "--precisions", f"nvfp4,{paper}", "--relative-to", paper, "--no-hf", "--repeats", "1",
+                      "--out", str(tmp_path))
+    assert "bf16 tail 1, k/v projections nvfp4" in proc.stdout + proc.stderr
+    assert "bf16 tail 16, k/v projections bf16" in proc.stdout + proc.stderr
+    run = outputs(tmp_path, "prefill_speed")
+    rows = {r["precision"]: r for r in run["rows"]}
+    assert set(rows) == {"nvfp4", paper}
+    assert rows[paper]["time_vs_ref"] == 1.0
+    assert rows["nvfp4"]["time_vs_ref"] == pytest.approx(rows["nvfp4"]["ms"] / rows[paper]["ms"])
+    assert f"time vs {paper}" in (tmp_path / "prefill_speed.md").read_text()
+    with pytest.raises(SystemExit, match="not one of --precisions"):
+        prefill_speed.main(["--precisions", "bf16", "--relative-to", "fp8"])
+
+
+@pytest.mark.slow
 def test_decode_speed_end_to_end(tiny_model, tmp_path):
     run_script("decode_speed.py", "--tiny", "--model-dir", tiny_model, "--batches", "1,3", "--contexts", "40",
                "--long-context", "100", "--steps", "12", "--repeats", "1", "--hf-cells", "1x40", "--out",
