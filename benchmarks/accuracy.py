@@ -247,7 +247,7 @@ def bf16_shares(cfg: RunConfig, engine: Engine, cases: list[Case], prefill_token
     default = engine.config.bf16_tail_tokens
     tails = [min(c.turn, cfg.tail_tokens(c) or default) for c in cases]
     shares = 1 - prefill_tokens / total, sum(tails) / max(1, sum(c.turn for c in cases))
-    kv = kv_flop_share(engine.runner.model_config) if engine.config.bf16_kv_proj else 0.0
+    kv = kv_flop_share(engine.runner.model_config) if engine.config.kv_proj_precision else 0.0
     return tuple(s + (1 - s) * kv for s in shares)
 
 

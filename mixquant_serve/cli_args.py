@@ -27,6 +27,9 @@ _HELP = {
     "attention_backend": "attention kernels: triton (default on CUDA), torch_ref (default on CPU)",
     "disable_cuda_graph": "run the decode step eagerly instead of replaying CUDA graphs",
     "cuda_graph_max_bs": "largest decode batch captured in a CUDA graph (default: --max-running-requests)",
+    "piecewise_cuda_graph_max_tokens": "prompt batches of up to this many tokens replay CUDA graphs of everything "
+                                       "but attention, captured per token count at start-up (default: 4096 on "
+                                       "CUDA; 0: off; off with --disable-cuda-graph)",
     "overlap_schedule": "launch each decode step before the host reads the previous step's tokens "
                         "(default: on for CUDA, off on CPU)",
     "enable_mixed_chunk": "decoding requests take their next token inside prompt batches that run in the decode "
@@ -35,7 +38,8 @@ _HELP = {
     "context_length": "longest prompt + output (default: the model's max_position_embeddings)",
     "bf16_kv_proj": "Mix-Quant: while prefill runs in --prefill-precision, the k and v columns of every qkv "
                     "projection are computed in the decode precision (BF16), so the prompt's KV carries no "
-                    "NVFP4/FP8 projection error (~4-6%% of prefill linear FLOPs in BF16)",
+                    "NVFP4/FP8 projection error (~4-6%% of prefill linear FLOPs in BF16; default: on for NVFP4 "
+                    "prefill, off for FP8)",
     "bf16_tail_tokens": "Mix-Quant: the last N prompt tokens of each request are computed in the decode precision "
                         "(BF16), on the decode worker when disaggregated, the rest in the prefill precision; "
                         "with session affinity only a turn's new tokens can be in the tail",

@@ -158,6 +158,9 @@ class EngineConfig:
     # CUDA graphs of the decode step, captured for batch sizes up to cuda_graph_max_bs
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int | None = None
+    # prompt batches of up to this many tokens replay CUDA graphs of everything but attention
+    # (None: 4096 on CUDA, capped by chunked_prefill_size; 0: off; off with disable_cuda_graph)
+    piecewise_cuda_graph_max_tokens: int | None = None
     # launch each decode step before reading the previous one's tokens (None: on for CUDA, off on CPU)
     overlap_schedule: bool | None = None
     # decode rows ride along prompt batches that run in the decode precision (BF16 tails, and prefill chunks
@@ -168,8 +171,10 @@ class EngineConfig:
     bf16_tail_tokens: int = 16
     # Mix-Quant: during prefill in another precision, the k and v columns of every qkv projection come from
     # the decode precision's weights, so the prompt KV that decode reads carries no quantized-projection error.
-    # With bf16_tail_tokens 16 this is the default picked from the sweep in benchmarks/RESULTS.md (issue 12)
-    bf16_kv_proj: bool = True
+    # None: on for NVFP4 prefill, off for FP8 (whose KL is within bounds without it and which is there for
+    # speed). With bf16_tail_tokens 16 this is the default picked from the sweeps in benchmarks/RESULTS.md
+    # (issue 12)
+    bf16_kv_proj: bool | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -185,6 +190,8 @@ class EngineConfig:
             raise ConfigError("--chunked-prefill-size must be at least one page")
         if self.max_running_requests is not None and self.max_running_requests < 1:
             raise ConfigError("--max-running-requests must be at least 1")
+        if self.piecewise_cuda_graph_max_tokens is not None and self.piecewise_cuda_graph_max_tokens < 0:
+            raise ConfigError("--piecewise-cuda-graph-max-tokens must be 0 (off) or more")
         if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 1:
             raise ConfigError("--cuda-graph-max-bs must be at least 1")
         if self.bf16_tail_tokens < 1:
@@ -196,10 +203,16 @@ class EngineConfig:
         return tuple(dict.fromkeys((self.decode_precision, self.prefill_precision)))
 
     @property
+    def wants_bf16_kv_proj(self) -> bool:
+        """--bf16-kv-proj as set, or its default: on for NVFP4 prefill (never for BF16 prefill)."""
+        wanted = self.prefill_precision == "nvfp4" if self.bf16_kv_proj is None else self.bf16_kv_proj
+        return wanted and self.prefill_precision != "bf16"
+
+    @property
     def kv_proj_precision(self) -> str | None:
         """What prefill computes the qkv projections' k/v columns in when not its own precision: BF16 with
         bf16_kv_proj, if this engine holds BF16 weights (either phase in BF16); else None."""
-        if self.bf16_kv_proj and self.prefill_precision != "bf16" and "bf16" in self.precisions:
+        if self.wants_bf16_kv_proj and "bf16" in self.precisions:
             return "bf16"
         return None
 

@@ -120,7 +120,7 @@ class Cluster:
                 transfer += ["--transfer-timeout", str(spec.transfer_timeout)]
             # a prefill worker holds its prefill precision, and BF16 too where it computes the prompt's K/V
             # projections in BF16 (--bf16-kv-proj)
-            kv = spec.engine.bf16_kv_proj and "bf16" in (spec.engine.prefill_precision, spec.engine.decode_precision)
+            kv = spec.engine.wants_bf16_kv_proj and spec.engine.decode_precision == "bf16"
             prefill_engine = replace(spec.engine, decode_precision="bf16" if kv else spec.engine.prefill_precision)
             decode_engine = replace(spec.engine, prefill_precision=spec.engine.decode_precision)
             p_urls, d_urls = [], []

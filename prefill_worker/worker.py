@@ -56,7 +56,7 @@ class PrefillWorker(Worker):
         self.jobs: dict[str, _Job] = {}
         engine.kv_hook = self._layer_done
         cfg = engine.config
-        if cfg.bf16_kv_proj and cfg.prefill_precision != "bf16" and cfg.kv_proj_precision is None:
+        if cfg.wants_bf16_kv_proj and cfg.kv_proj_precision is None:
             log.warning("--bf16-kv-proj: this prefill worker holds no BF16 weights (prefill %s, decode %s), so the "
                         "prompt's K/V projections run in %s; start it with --decode-precision bf16 to hold them "
                         "(mixquant-serve launch does)", cfg.prefill_precision, cfg.decode_precision,

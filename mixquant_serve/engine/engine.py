@@ -77,12 +77,15 @@ def resolve_config(config: EngineConfig) -> tuple[EngineConfig, ModelConfig]:
     running = config.max_running_requests or (256 if gpu else 64)
     overlap = gpu if config.overlap_schedule is None else config.overlap_schedule
     mixed = gpu if config.enable_mixed_chunk is None else config.enable_mixed_chunk
+    chunk = config.chunked_prefill_size or (8192 if gpu else 2048)
+    no_graphs = config.disable_cuda_graph or not gpu
+    piecewise = 0 if no_graphs else min(4096 if config.piecewise_cuda_graph_max_tokens is None
+                                        else config.piecewise_cuda_graph_max_tokens, chunk + running)
     return dataclasses.replace(
         config, device=device, dtype=dtype, context_length=ctx, attention_backend=backend, overlap_schedule=overlap,
-        enable_mixed_chunk=mixed,
-        max_running_requests=running, chunked_prefill_size=config.chunked_prefill_size or (8192 if gpu else 2048),
-        disable_cuda_graph=config.disable_cuda_graph or not gpu,
-        cuda_graph_max_bs=min(config.cuda_graph_max_bs or running, running)), mcfg
+        enable_mixed_chunk=mixed, max_running_requests=running, chunked_prefill_size=chunk,
+        disable_cuda_graph=no_graphs, cuda_graph_max_bs=min(config.cuda_graph_max_bs or running, running),
+        piecewise_cuda_graph_max_tokens=piecewise), mcfg
 
 
 def _mix_phases(cfg: EngineConfig) -> frozenset[Phase]:
@@ -122,9 +125,12 @@ class Engine:
                  cfg.kv_proj_precision or cfg.prefill_precision,
                  self.pool.capacity, cfg.page_size, self.weight_summary())
         log.info("engine settings: attention=%s, chunked prefill %d tokens, up to %d running requests, "
-                 "context %d, decode CUDA graphs %s, overlapped decode %s, decode rows mixed into %s",
+                 "context %d, decode CUDA graphs %s, prompt-batch (piecewise) CUDA graphs %s, overlapped decode %s, "
+                 "decode rows mixed into %s",
                  cfg.attention_backend, cfg.chunked_prefill_size, cfg.max_running_requests, cfg.context_length,
                  "off" if cfg.disable_cuda_graph else f"up to batch {cfg.cuda_graph_max_bs}",
+                 f"up to {cfg.piecewise_cuda_graph_max_tokens} tokens" if cfg.piecewise_cuda_graph_max_tokens
+                 else "off",
                  "on" if cfg.overlap_schedule else "off",
                  " and ".join(sorted(f"{p.value} batches" for p in self.scheduler.mix_phases)) or "nothing")
 

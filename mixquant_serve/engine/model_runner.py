@@ -3,7 +3,8 @@
 The batch's phase picks the precision its linear layers run in (the forward context carries it).
 Host inputs travel to the device in one pinned, non-blocking copy; on CUDA a decode batch replays a
 captured graph (`engine/cuda_graph.py`) unless the graphs are disabled or the batch is larger than
-the largest one captured.
+the largest one captured, and a prompt batch of up to --piecewise-cuda-graph-max-tokens tokens replays
+the graphs of everything but attention (`engine/piecewise_graph.py`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,17 @@ class ModelRunner:
             max_pages = -(-config.context_length // config.page_size)
             self.graphs = DecodeGraphs(self.model, self.attn, config.decode_precision, config.cuda_graph_max_bs,
                                        max_pages, device)
+        self.piecewise = None
+        if config.piecewise_cuda_graph_max_tokens:
+            from mixquant_serve.engine.piecewise_graph import PiecewiseGraphs
+
+            keys = [(config.prefill_precision, config.kv_proj_precision), (config.decode_precision, None)]
+            try:
+                self.piecewise = PiecewiseGraphs(self.model, self.attn, keys,
+                                                 config.piecewise_cuda_graph_max_tokens, device)
+            except RuntimeError as e:  # a kernel that cannot be captured: prompt batches stay eager
+                log.warning("piecewise CUDA graphs of prompt batches failed to capture, running them eagerly: %s",
+                            e)
 
     def _num_pages(self) -> int:
         cfg = self.config
@@ -88,8 +100,11 @@ class ModelRunner:
         if self._graph_fits(batch, precision, layer_done):
             return self.graphs.run(input_ids, pos, seqs)
         meta = self.attn.plan(seqs)
-        with forward_context(ForwardContext(precision, self.attn, meta, layer_done, kv_precision)):
-            hidden = self.model(input_ids, pos)
+        if self.piecewise is not None and self.piecewise.fits(len(pos), (precision, kv_precision)):
+            hidden = self.piecewise.run((precision, kv_precision), input_ids, pos, meta, layer_done)
+        else:
+            with forward_context(ForwardContext(precision, self.attn, meta, layer_done, kv_precision)):
+                hidden = self.model(input_ids, pos)
         if not rows:
             return None
         return self.model.compute_logits(hidden[row_index]).float()

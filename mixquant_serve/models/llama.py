@@ -37,11 +37,17 @@ class LlamaAttention(nn.Module):
         """Per-head norms of q and k applied before the rotation (Qwen3), or None."""
         return None
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def project(self, positions: torch.Tensor, x: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, bool]:
+        """q, k, v of the new tokens (rotated) and whether K/V are already stored in the cache."""
         kv_write = self.attn.kv_write()  # None: the attention backend stores the new K/V itself
         q, k, v = self.rotary[0].rotate_qkv(positions, self.qkv_proj(x), self.num_heads, self.num_kv_heads,
                                             self.head_dim, self.qk_norm(), kv_write)
-        return self.o_proj(self.attn(q, k, v, kv_stored=kv_write is not None))
+        return q, k, v, kv_write is not None
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        q, k, v, stored = self.project(positions, x)
+        return self.o_proj(self.attn(q, k, v, kv_stored=stored))
 
 
 class LlamaMLP(nn.Module):
@@ -74,12 +80,24 @@ class LlamaDecoderLayer(nn.Module):
 
         Each norm hands the linear after it its input in the form that linear asks for (`input_quant`).
         """
+        q, k, v, stored, residual = self.before_attention(positions, x, residual)
+        return self.after_attention(self.self_attn.attn(q, k, v, kv_stored=stored), residual)
+
+    # The two halves around attention, the only part of a layer that depends on how the batch's tokens split
+    # into sequences (engine/piecewise_graph.py captures everything else per token count).
+    def before_attention(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, bool, torch.Tensor]:
+        """The input norm (+ the residual add) and the q/k/v projection: (q, k, v, kv_stored, residual)."""
         qkv_quant = self.self_attn.qkv_proj.input_quant()
         if residual is None:
             h, residual = self.input_layernorm(x, qkv_quant), x
         else:
             h, residual = self.input_layernorm.add_norm(x, residual, qkv_quant)
-        h = self.self_attn(positions, h)
+        return *self.self_attn.project(positions, h), residual
+
+    def after_attention(self, attn: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """o_proj, the residual add and norm, the MLP: (MLP output, residual)."""
+        h = self.self_attn.o_proj(attn)
         h, residual = self.post_attention_layernorm.add_norm(h, residual, self.mlp.gate_up_proj.input_quant())
         return self.mlp(h), residual
 

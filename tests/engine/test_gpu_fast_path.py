@@ -84,3 +84,27 @@ def test_overlapped_decode_on_cuda_equals_the_synchronous_step(model_dir):
     got, want = on.generate(prompts, params), off.generate(prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert not on.has_work and on.pool.num_free + on.cache.num_pages == on.pool.capacity
+
+
+@pytest.mark.parametrize("prefill", ["bf16", "fp8", "nvfp4"])
+def test_piecewise_prompt_graphs_equal_the_eager_prompt_forward(model_dir, prefill):
+    """Prompt batches through the captured pieces (padded token counts, slot-0 padding writes, prefix hits,
+    Mix-Quant's tails and the NVFP4 K/V lever) against the same engine with them off, in bfloat16."""
+    kw = dict(prefill_precision=prefill, bf16_tail_tokens=4, piecewise_cuda_graph_max_tokens=256)
+    on = _engine(model_dir, "bfloat16", True, **kw)
+    off = _engine(model_dir, "bfloat16", True, **{**kw, "piecewise_cuda_graph_max_tokens": 0})
+    assert on.runner.piecewise is not None and off.runner.piecewise is None
+    assert on.runner.piecewise.keys[0] == (prefill, "bf16" if prefill == "nvfp4" else None)
+    spy_on, spy_off = LogitSpy(on), LogitSpy(off)
+    first = _prompts(on, 7)
+    for prompts in (first, [p + p[:9] for p in first]):  # the second turn hits the prefix cache
+        outs_on, outs_off = on.generate(prompts, GREEDY), off.generate(prompts, GREEDY)
+        for a, b in zip(outs_on, outs_off, strict=True):
+            for step, (x, y) in enumerate(zip(spy_on.rows[a.rid], spy_off.rows[b.rid], strict=True)):
+                if a.token_ids[:step] != b.token_ids[:step]:
+                    break
+                assert (x - y).abs().max() < 0.1
+                if a.token_ids[step] != b.token_ids[step]:
+                    top2 = y.topk(2).values
+                    assert top2[0] - top2[1] < 0.1
+    assert on.pool.num_free + on.cache.num_pages == on.pool.capacity

@@ -60,6 +60,11 @@ class AttentionBackend(ABC):
         """Where the caller should store this layer's new K/V itself, or None: `forward` stores them."""
         return None
 
+    def static_kv_write(self, layer: int, slots: torch.Tensor) -> KVWrite | None:
+        """`kv_write` for a CUDA graph of the layers around attention: into `slots` (a static buffer), keeping
+        k for `forward`; None if this backend stores K/V in `forward` (then the graph leaves it to it)."""
+        return None
+
     def static_decode_meta(self, max_batch: int, max_pages: int) -> Any:
         """Preallocated decode metadata for CUDA graphs: up to max_batch rows of up to max_pages pages."""
         raise NotImplementedError(f"{type(self).__name__} has no CUDA-graph decode metadata")

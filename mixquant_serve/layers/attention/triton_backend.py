@@ -157,6 +157,9 @@ class TritonBackend(AttentionBackend):
         """The new K/V go straight into the cache rows; only the SDPA prefill reads k afterwards."""
         return KVWrite(*self.storage.flat(layer), meta.slots, keep_k=meta.sdpa)
 
+    def static_kv_write(self, layer: int, slots: torch.Tensor) -> KVWrite:
+        return KVWrite(*self.storage.flat(layer), slots, keep_k=True)
+
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, meta: TritonMeta,
                 kv_stored: bool = False) -> torch.Tensor:
         k_cache, v_cache = self.storage.flat(layer)
