@@ -53,7 +53,7 @@ class ModelRunner:
             try:
                 self.piecewise = PiecewiseGraphs(self.model, self.attn, keys,
                                                  config.piecewise_cuda_graph_max_tokens, device)
-            except RuntimeError as e:  # a kernel that cannot be captured: prompt batches stay eager
+            except Exception as e:  # a kernel that cannot be captured: prompt batches stay eager
                 log.warning("piecewise CUDA graphs of prompt batches failed to capture, running them eagerly: %s",
                             e)
 

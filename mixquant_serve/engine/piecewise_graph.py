@@ -86,8 +86,8 @@ class PiecewiseGraphs:
         return key in self.keys and self.padded_size(tokens) is not None
 
     # -- the pieces -------------------------------------------------------------------------------
-    def _context(self, key: Key) -> ForwardContext:
-        return ForwardContext(key[0], _StaticKV(self.attn, self.slots), None, None, key[1])
+    def _context(self, key: Key, n: int) -> ForwardContext:
+        return ForwardContext(key[0], _StaticKV(self.attn, self.slots[:n]), None, None, key[1])
 
     def _piece(self, i: int, n: int, residual: torch.Tensor | None) -> torch.Tensor:
         """Piece i over the first n rows of the static buffers: returns the residual stream (the final
@@ -106,7 +106,7 @@ class PiecewiseGraphs:
         return residual
 
     def _capture(self, key: Key, n: int) -> None:
-        with forward_context(self._context(key)):
+        with forward_context(self._context(key, n)):
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up off the capture: kernel compilation, library handles
@@ -139,7 +139,7 @@ class PiecewiseGraphs:
             if self.capture:
                 self.graphs[key, n][i].replay()
             else:
-                with forward_context(self._context(key)):
+                with forward_context(self._context(key, n)):
                     residual = self._piece(i, n, residual)
             if i == self.num_layers:
                 break

@@ -11,6 +11,7 @@ import torch
 
 from mixquant_serve import Engine, SamplingParams
 from mixquant_serve.engine.piecewise_graph import PiecewiseGraphs, capture_sizes
+from mixquant_serve.layers.attention.base import KVWrite, SeqSlice
 
 LONG = "Summarise the following notes in one sentence. " + " ".join(f"Note {i}: moved." for i in range(12))
 PROMPTS = ["The capital of France is", "def fibonacci(n):", LONG]
@@ -23,9 +24,14 @@ def test_capture_sizes_cover_every_count_up_to_the_largest():
     assert capture_sizes(100) == [16, 32, 64, 100]
 
 
-def _engine(smollm_path: str, piecewise: int, **kw) -> Engine:
+def _engine(smollm_path: str, piecewise: int, kv_in_pieces: bool = False, **kw) -> Engine:
+    """kv_in_pieces: the pieces store K/V through static slots, as with the Triton backend on CUDA (padding rows
+    into slot 0), instead of leaving it to the reference backend's forward."""
     kw = dict(dtype="float32", context_length=1024, max_total_tokens=4096, chunked_prefill_size=48, **kw)
     engine = Engine(smollm_path, **kw)
+    if kv_in_pieces:
+        attn = engine.runner.attn
+        attn.static_kv_write = lambda layer, slots: KVWrite(*attn.storage.flat(layer), slots, keep_k=True)
     if piecewise:
         cfg = engine.config
         keys = [(cfg.prefill_precision, cfg.kv_proj_precision), (cfg.decode_precision, None)]
@@ -43,11 +49,13 @@ def _run(engine: Engine, calls: list) -> dict[str, tuple[list[int], list[float]]
     return {f"{i}": (o.token_ids, [lp.logprob for lp in o.logprobs]) for i, o in enumerate(outs)}
 
 
-@pytest.mark.parametrize("precisions", [("bf16", "bf16"), ("fp8", "bf16")])
-def test_pieces_equal_the_plain_forward(smollm_path, monkeypatch, precisions):
+@pytest.mark.parametrize(("precisions", "kv_in_pieces"), [(("bf16", "bf16"), False), (("fp8", "bf16"), True)])
+def test_pieces_equal_the_plain_forward(smollm_path, monkeypatch, precisions, kv_in_pieces):
     prefill, decode = precisions
     plain = _engine(smollm_path, 0, prefill_precision=prefill, decode_precision=decode, bf16_tail_tokens=4)
-    pieces = _engine(smollm_path, 64, prefill_precision=prefill, decode_precision=decode, bf16_tail_tokens=4)
+    pieces = _engine(smollm_path, 64, kv_in_pieces, prefill_precision=prefill, decode_precision=decode,
+                     bf16_tail_tokens=4)
+    assert pieces.runner.piecewise.writes_kv == kv_in_pieces
     used = []
     run = pieces.runner.piecewise.run
     monkeypatch.setattr(pieces.runner.piecewise, "run", lambda key, ids, *a: used.append((key, len(ids))) or
@@ -78,8 +86,6 @@ def test_layer_done_follows_each_layer(smollm_path):
     graphs = engine.runner.piecewise
     ids = torch.tensor(engine.tokenizer.encode(PROMPTS[0]))
     pages = engine.pool.alloc(-(-len(ids) // engine.config.page_size))
-    from mixquant_serve.layers.attention.base import SeqSlice
-
     meta = engine.runner.attn.plan([SeqSlice(pages, 0, len(ids))])
     seen = []
     hidden = graphs.run(("bf16", None), ids, torch.arange(len(ids)), meta, seen.append)
