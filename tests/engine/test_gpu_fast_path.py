@@ -25,7 +25,8 @@ def _engine(model_dir: str, dtype: str, fast: bool, **kw) -> Engine:
     path = dict(attention_backend="triton", disable_cuda_graph=False) if fast else dict(
         attention_backend="torch_ref", disable_cuda_graph=True)
     kw.setdefault("overlap_schedule", False)
-    return Engine(model_dir, device="cuda", dtype=dtype, prefill_precision="bf16", decode_precision="bf16",
+    kw.setdefault("prefill_precision", "bf16")
+    return Engine(model_dir, device="cuda", dtype=dtype, decode_precision="bf16",
                   context_length=1024, max_total_tokens=16384, page_size=16, cuda_graph_max_bs=16, **path, **kw)
 
 
