@@ -1,6 +1,7 @@
 """The quantized-prefill kernels one by one, at Qwen3-8B prefill shapes, against the limits of the same run.
 
     python benchmarks/quant_kernels.py [--tokens 2048,8192] [--out DIR] [--record]
+    python benchmarks/quant_kernels.py --sweep [--tokens 2048,8192] [--out DIR] [--record]
 
 Activation quantization (memory-bound): FP8 per token and NVFP4 quantize-dequantize (the exact-emulation
 operand) over the four linear inputs of a layer (qkv/gate_up: hidden 4096; o_proj: 4096; down: 12288),
@@ -15,6 +16,10 @@ the Triton `scaled_mm` over the dequantized BF16 weight (epilogue scales per row
 GEMM that decodes the packed 4.5-bit weight in registers, and cuBLAS BF16 with a float32 output plus a
 separate scaling pass, in TFLOP/s against the BF16 peak of this run.
 Timing: CUDA events, medians (triton.testing.do_bench); fresh random inputs, never zeros.
+--sweep instead times the FP8 producers under each launch configuration of `kernels/tuning.py` (SiLU-mul -> FP8:
+columns per step, including a block that holds the whole row, and warps; RMSNorm + residual -> FP8: warps;
+standalone FP8 per token: warps), checks that each writes the bits of the default configuration, and writes
+the fastest (least total time over --tokens) to DIR/kernel_configs.json, the MIXQUANT_KERNEL_CONFIGS value.
 """
 
 from __future__ import annotations
@@ -123,16 +128,73 @@ def one_gemm(t: int, name: str, n: int, k: int) -> list[list]:
     return [[t, name, label, ms, flops / ms / 1e9] for label, ms in ((lb, bench(fn)) for lb, fn in cases.items())]
 
 
+SWEEP = {
+    "silu_mul_fp8": [{"block": b, "num_warps": w} for b in (512, 1024, 2048, 4096) for w in (2, 4, 8, 16)]
+    + [{"block": 16384, "num_warps": w} for w in (8, 16, 32)],
+    "rmsnorm": [{"max_warps": w} for w in (2, 4, 8, 16)],
+    "fp8_per_token": [{"num_warps": w} for w in (2, 4, 8, 16)],
+}
+
+
+def sweep_cases(t: int) -> dict[str, tuple]:
+    """kernel -> (the call, bytes read + written) at t tokens of Qwen3-8B's shapes."""
+    from mixquant_serve.kernels.fp8_quant import fp8_quantize_per_token
+    from mixquant_serve.kernels.rmsnorm import rmsnorm_fp8
+    from mixquant_serve.kernels.silu_mul import silu_mul_fp8
+
+    gate_up = torch.randn(t, 2 * INTER, device="cuda", dtype=torch.bfloat16) * 2
+    x, res = (torch.randn(t, HIDDEN, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    w = torch.rand(HIDDEN, device="cuda", dtype=torch.bfloat16) + 0.5
+    return {
+        "silu_mul_fp8": (lambda: silu_mul_fp8(gate_up), t * (4 * INTER + INTER + 4)),
+        "rmsnorm": (lambda: rmsnorm_fp8(x, w, 1e-6, res), t * (HIDDEN * 7 + 4)),
+        "fp8_per_token": (lambda: fp8_quantize_per_token(x), t * (HIDDEN * 3 + 4)),
+    }
+
+
+def _same_bits(a, b) -> bool:
+    return all(torch.equal(u.view(torch.uint8), v.view(torch.uint8)) for u, v in zip(a, b, strict=True)
+               if u is not None)
+
+
+def sweep(tokens: list[int], copy_gbs: float) -> tuple[list[list], dict]:
+    import json
+    import os
+
+    rows, total = [], {}
+    for t in tokens:
+        for name, (call, nbytes) in sweep_cases(t).items():
+            os.environ.pop("MIXQUANT_KERNEL_CONFIGS", None)
+            want = call()
+            for cfg in SWEEP[name]:
+                os.environ["MIXQUANT_KERNEL_CONFIGS"] = json.dumps({name: cfg})
+                same = _same_bits(call(), want)
+                ms = bench(call)
+                key = json.dumps(cfg)
+                total[name, key] = total.get((name, key), 0.0) + (ms if same else float("inf"))
+                gbs = nbytes / ms / 1e6
+                rows.append([t, name, key, ms, gbs, f"{100 * gbs / copy_gbs:.0f}%", "yes" if same else "NO"])
+            os.environ.pop("MIXQUANT_KERNEL_CONFIGS", None)
+        print(f"[quant_kernels] sweep at {t} tokens done", flush=True)
+    best = {}
+    for (name, key), _ms in sorted(total.items(), key=lambda kv: kv[1]):
+        best.setdefault(name, json.loads(key))
+    return rows, best
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", default="2048,8192")
     p.add_argument("--out", default=None)
     p.add_argument("--record", action="store_true")
     p.add_argument("--results", default=str(Path(__file__).parent / "RESULTS.md"))
+    p.add_argument("--sweep", action="store_true", help="time the FP8 producers' launch configurations instead")
     args = p.parse_args()
     torch.manual_seed(0)
     lim = limits("cuda")
     copy_gbs, peak = lim["copy"]["tbps"] * 1000, lim["peak"]["tflops"]
+    if args.sweep:
+        return report_sweep(args, lim, *sweep([int(x) for x in args.tokens.split(",")], copy_gbs))
     quant, fused, gemm = [], [], []
     for t in (int(x) for x in args.tokens.split(",")):
         quant += quant_rows(t)
@@ -155,6 +217,24 @@ def main() -> None:
         Path(args.out, "quant_kernels.md").write_text(text)
     if args.record:
         append_section(Path(args.results), "Quantized-prefill kernels (one H200)", __doc__.split("\n\n")[1], text)
+
+
+def report_sweep(args: argparse.Namespace, lim: dict, rows: list[list], best: dict) -> None:
+    import json
+
+    table = md_table(["tokens", "kernel", "launch config", "ms", "GB/s", "of copy bandwidth", "same bits"],
+                     [[t, n, c, fmt(ms, 3), fmt(gbs, 0), pct, same] for t, n, c, ms, gbs, pct, same in rows])
+    run = {"env": environment("cuda"), "limits": lim}
+    text = (f"{env_line(run)}\n\n{table}\n\nFastest over all token counts (MIXQUANT_KERNEL_CONFIGS): "
+            f"`{json.dumps(best)}`\n")
+    print(text)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "quant_kernels_sweep.md").write_text(text)
+        Path(args.out, "kernel_configs.json").write_text(json.dumps(best))
+    if args.record:
+        append_section(Path(args.results), "FP8 producers: launch-config sweep (quant_kernels.py --sweep)",
+                       "Each configuration of kernels/tuning.py, checked bit for bit against the default.", text)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mixquant_serve.kernels.tuning import config
+
 FP8_MAX = 448.0
 # float32(1e-12): the floor torch's clamp_min(1e-12) applies to a float32 amax
 MIN_AMAX = float(torch.tensor(1e-12, dtype=torch.float32))
@@ -164,5 +166,6 @@ def fp8_quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         one_chunk = triton.next_power_of_2(k) <= ONE_CHUNK_MAX
         block = triton.next_power_of_2(k) if one_chunk else CHUNK
         _fp8_per_token_kernel[(t,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK=block, ONE_CHUNK=one_chunk,
-                                    MIN_AMAX=MIN_AMAX, HW=hardware_cast(x), num_warps=4 if block <= 1024 else 8)
+                                    MIN_AMAX=MIN_AMAX, HW=hardware_cast(x),
+                                    num_warps=config("fp8_per_token")["num_warps"] or (4 if block <= 1024 else 8))
     return q.view(torch.float8_e4m3fn), scale

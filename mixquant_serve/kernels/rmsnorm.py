@@ -20,6 +20,7 @@ import triton.language as tl
 
 from mixquant_serve.kernels.fp8_quant import MIN_AMAX, check_triton_device, hardware_cast, nan_amax, quantize_row_store
 from mixquant_serve.kernels.nvfp4_quant import AMAX_FLOOR, BLOCK_SIZE, qdq_fold_store, row_pow2_scale
+from mixquant_serve.kernels.tuning import config
 
 _QUANT = {None: 0, "fp8": 1, "nvfp4": 2}  # what the kernel writes: the norm, FP8 codes, NVFP4 operand
 
@@ -92,7 +93,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
         _rmsnorm_kernel[(t,)](rows, res, out, out if res_out is None else res_out, weight,
                               out if scale is None else scale, n, rows.stride(0), res.stride(0), eps,
                               HAS_RES=residual is not None, BLOCK=block, QUANT=_QUANT[quant], MIN_AMAX=MIN_AMAX,
-                              AMAX_FLOOR=AMAX_FLOOR, HW=hardware_cast(x), num_warps=min(16, max(1, block // 256)))
+                              AMAX_FLOOR=AMAX_FLOOR, HW=hardware_cast(x),
+                              num_warps=min(config("rmsnorm")["max_warps"], max(1, block // 256)))
     return out, res_out, scale
 
 

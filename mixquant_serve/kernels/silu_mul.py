@@ -6,8 +6,9 @@ rounded again.
 
 ``silu_mul_fp8`` quantizes that rounded product per token to FP8 in the same kernel, with ``fp8_quant.py``'s
 epilogue: the bits of ``fp8_quantize_per_token(silu_mul(x))``. It needs the row's amax before any code, so a
-program takes a whole row, in chunks of up to FUSED_CHUNK, twice (``silu_mul`` splits a row into blocks of up to
-1024 over programs). A whole row in registers (12,288 wide for Qwen3-8B) measured slower than the unfused pair.
+program takes a whole row: in chunks (``kernels/tuning.py``'s "silu_mul_fp8" block), twice, or, with a block
+that covers the row, once with the row held in registers (``silu_mul`` splits a row into blocks of up to 1024
+over programs).
 ``silu_mul_nvfp4`` does the same with ``nvfp4_quant.py``'s epilogue: the NVFP4 operand, scale folded in.
 """
 
@@ -23,11 +24,13 @@ from mixquant_serve.kernels.fp8_quant import (
     check_triton_device,
     hardware_cast,
     nan_amax,
+    quantize_row_store,
     quantize_store,
 )
 from mixquant_serve.kernels.nvfp4_quant import AMAX_FLOOR, BLOCK_SIZE, qdq_fold_store, row_pow2_scale
+from mixquant_serve.kernels.tuning import config
 
-FUSED_CHUNK = 2048  # columns per step of the fused FP8 and NVFP4 kernels
+FUSED_CHUNK = 2048  # columns per step of the fused NVFP4 kernel
 
 
 @triton.jit
@@ -63,11 +66,16 @@ def _silu_mul_kernel(x_ptr, out_ptr, inter, x_stride, BLOCK: tl.constexpr):
 
 @triton.jit
 def _silu_mul_fp8_kernel(x_ptr, q_ptr, s_ptr, inter, x_stride, BLOCK: tl.constexpr, MIN_AMAX: tl.constexpr,
-                         HW: tl.constexpr):
+                         HW: tl.constexpr, ONE_CHUNK: tl.constexpr):
     """One row per program, in chunks: the row's amax, then the chunks again (recomputed from gate_up, which
-    the first pass left in L2) quantized with the row's scale. Small chunks keep many rows in flight."""
+    the first pass left in L2) quantized with the row's scale. Small chunks keep many rows in flight.
+    ONE_CHUNK (BLOCK covers the row): the row stays in registers, gate_up is read once."""
     row = tl.program_id(0).to(tl.int64)
     row_off = row * x_stride
+    if ONE_CHUNK:
+        y, cols, mask = _silu_mul_chunk(x_ptr, row_off, inter, 0, BLOCK)
+        quantize_row_store(y.to(tl.float32), q_ptr + row * inter + cols, s_ptr + row, mask, BLOCK, MIN_AMAX, HW)
+        return
     scale = amax_scale(_silu_mul_row_amax(x_ptr, row_off, inter, BLOCK), MIN_AMAX)
     tl.store(s_ptr + row, scale)
     for k0 in range(0, inter, BLOCK):
@@ -119,10 +127,12 @@ def silu_mul_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     inter = x.shape[-1] // 2
     q = torch.empty(rows.shape[0], inter, dtype=torch.uint8, device=x.device)
     scale = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=x.device)
-    block = min(FUSED_CHUNK, triton.next_power_of_2(inter))
+    cfg = config("silu_mul_fp8")
+    block = min(cfg["block"], triton.next_power_of_2(inter))
     if rows.shape[0]:
         _silu_mul_fp8_kernel[(rows.shape[0],)](rows, q, scale, inter, rows.stride(0), BLOCK=block, MIN_AMAX=MIN_AMAX,
-                                               HW=hardware_cast(x), num_warps=max(1, min(8, block // 256)))
+                                               HW=hardware_cast(x), ONE_CHUNK=block >= inter,
+                                               num_warps=cfg["num_warps"])
     lead = x.shape[:-1]
     return q.view(torch.float8_e4m3fn).view(*lead, inter), scale.view(*lead, 1)
 

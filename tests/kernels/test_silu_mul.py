@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import DOT_DTYPES
@@ -48,6 +50,31 @@ def test_fp8_epilogue_equals_silu_mul_then_quantize(device, dtype, t, inter):
     assert q.dtype == torch.float8_e4m3fn and q.shape == (t, inter) and q.is_contiguous()
     assert scale.dtype == torch.float32 and scale.shape == (t, 1) and scale.is_contiguous()
     assert torch.equal(_bits(q), _bits(want_q)) and torch.equal(_bits(scale), _bits(want_scale))
+
+
+@pytest.mark.parametrize("cfg", [{"block": 16384, "num_warps": 16}, {"block": 512, "num_warps": 2}])
+@pytest.mark.parametrize("inter", [12288, 1500])
+def test_fp8_epilogue_same_bits_in_every_launch_config(device, monkeypatch, cfg, inter):
+    """Whole row in registers (block >= width: gate_up read once) or small chunks: the same codes and scales,
+    NaN rows included (kernels/tuning.py, MIXQUANT_KERNEL_CONFIGS)."""
+    x = torch.randn(4, 2 * inter, generator=torch.Generator().manual_seed(inter)).half().to(device) * 3
+    x[2, inter - 3] = float("nan")
+    want_q, want_scale = silu_mul_fp8(x)
+    monkeypatch.setenv("MIXQUANT_KERNEL_CONFIGS", json.dumps({"silu_mul_fp8": cfg}))
+    q, scale = silu_mul_fp8(x)
+    assert scale[2].isnan().all() and torch.equal(_bits(q), _bits(want_q))
+    assert torch.equal(_bits(scale), _bits(want_scale))
+
+
+def test_kernel_config_override_is_checked(monkeypatch):
+    from mixquant_serve.kernels.tuning import config
+
+    monkeypatch.setenv("MIXQUANT_KERNEL_CONFIGS", json.dumps({"silu_mul_fp8": {"num_warps": 4}}))
+    assert config("silu_mul_fp8") == {"block": 2048, "num_warps": 4} and config("rmsnorm") == {"max_warps": 16}
+    for bad in ('{"silu_mul_fp8": {"warps": 4}}', '{"gelu": {}}', '[1]', '{"rmsnorm": {"max_warps": -1}}', "{"):
+        monkeypatch.setenv("MIXQUANT_KERNEL_CONFIGS", bad)
+        with pytest.raises(ValueError, match="MIXQUANT_KERNEL_CONFIGS"):
+            config("rmsnorm")
 
 
 def test_fp8_epilogue_keeps_leading_dims_and_strides(device):
