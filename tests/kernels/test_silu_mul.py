@@ -70,7 +70,7 @@ def test_kernel_config_override_is_checked(monkeypatch):
     from mixquant_serve.kernels.tuning import config
 
     monkeypatch.setenv("MIXQUANT_KERNEL_CONFIGS", json.dumps({"silu_mul_fp8": {"num_warps": 4}}))
-    assert config("silu_mul_fp8") == {"block": 2048, "num_warps": 4} and config("rmsnorm") == {"max_warps": 16}
+    assert config("silu_mul_fp8") == {"block": 4096, "num_warps": 4} and config("rmsnorm") == {"max_warps": 16}
     for bad in ('{"silu_mul_fp8": {"warps": 4}}', '{"gelu": {}}', '[1]', '{"rmsnorm": {"max_warps": -1}}', "{"):
         monkeypatch.setenv("MIXQUANT_KERNEL_CONFIGS", bad)
         with pytest.raises(ValueError, match="MIXQUANT_KERNEL_CONFIGS"):
