@@ -56,6 +56,20 @@ class Batch:
         return self.num_tokens - self.num_decode
 
 
+class _Members:
+    """`req in scheduler.running` in O(1): a set of the running list, rebuilt only after a preemption (the one
+    way a request leaves it while a batch is put together) or an admission."""
+
+    def __init__(self, sched: Scheduler) -> None:
+        self.sched, self.key, self.set = sched, None, set()
+
+    def __contains__(self, req: Request) -> bool:
+        key = (self.sched.num_preemptions, len(self.sched.running))
+        if key != self.key:
+            self.key, self.set = key, set(self.sched.running)
+        return req in self.set
+
+
 class Scheduler:
     def __init__(self, pool: PagePool, cache: RadixCache | None, max_running: int, token_budget: int,
                  mix_phases: frozenset[Phase] = frozenset()) -> None:
@@ -150,7 +164,8 @@ class Scheduler:
         if decode is None:
             return batch
         # making room for a decode row may have preempted a newer request of the prompt batch
-        rows = [(r, n, s) for r, n, s in zip(batch.reqs, batch.lengths, batch.sample, strict=True) if r in self.running]
+        running = set(self.running)
+        rows = [(r, n, s) for r, n, s in zip(batch.reqs, batch.lengths, batch.sample, strict=True) if r in running]
         if not rows:
             return decode
         reqs, lengths, sample = map(list, zip(*rows, strict=True))
@@ -159,11 +174,11 @@ class Scheduler:
 
     def _prefill_batch(self, budget: int | None = None) -> Batch | None:
         budget = budget or self.token_budget
-        reqs, lengths = [], []
+        reqs, lengths, running = [], [], _Members(self)
         for req in sorted((r for r in self.running if r.in_prefill and not r.awaiting_kv), key=lambda r: r.age):
             if budget <= 0:
                 break
-            if req not in self.running:  # preempted to make room for an older request
+            if req not in running:  # preempted to make room for an older request
                 continue
             n = self._grow(req, min(budget, req.prefill_target - req.num_computed))
             if n:
@@ -181,7 +196,8 @@ class Scheduler:
             budget -= n
         # an old request re-admitted after preemption may have preempted newer ones picked above, and a
         # preempted one may have been re-admitted: its last entry is the one that counts
-        picked = {r: n for r, n in zip(reqs, lengths, strict=True) if r in self.running}
+        running = set(self.running)
+        picked = {r: n for r, n in zip(reqs, lengths, strict=True) if r in running}
         picked = {r: n for r, n in picked.items() if n > 0}
         if not picked:
             return None
@@ -194,27 +210,27 @@ class Scheduler:
     def _tail_batch(self, budget: int | None = None) -> Batch | None:
         """The BF16 tails, oldest first, in chunks under the token budget; a chunk that reaches the newest
         token samples (the first token then comes from the decode precision's logits)."""
-        budget, picked = budget or self.token_budget, {}
+        budget, picked, running = budget or self.token_budget, {}, _Members(self)
         for req in sorted((r for r in self.running if r.in_tail and not r.awaiting_kv), key=lambda r: r.age):
             if budget <= 0:
                 break
-            if req not in self.running:  # preempted to make room for an older request
+            if req not in running:  # preempted to make room for an older request
                 continue
             if (n := self._grow(req, min(budget, req.num_tokens - req.num_computed))) > 0:
                 picked[req] = n
                 budget -= n
-        picked = {r: n for r, n in picked.items() if r in self.running}
+        picked = {r: n for r, n in picked.items() if r in running}
         if not picked:
             return None
         sample = [r.num_computed + n == r.num_tokens for r, n in picked.items()]
         return Batch(Phase.TAIL, list(picked), list(picked.values()), sample)
 
     def _decode_batch(self) -> Batch | None:
-        reqs = []
+        reqs, running = [], _Members(self)
         for req in sorted((r for r in self.running if r.decoding), key=lambda r: r.age):
-            if req in self.running and self._make_room(req, req.num_tokens):
+            if req in running and self._make_room(req, req.num_tokens):
                 reqs.append(req)
-        reqs = [r for r in reqs if r in self.running]
+        reqs = [r for r in reqs if r in running]
         if not reqs:
             return None
         return Batch(Phase.DECODE, reqs, [1] * len(reqs), [True] * len(reqs))
