@@ -155,10 +155,11 @@ class Cluster:
         raise RuntimeError(f"the cluster was not healthy within {timeout:.0f} s")
 
     def stop(self, grace: float = 10.0) -> None:
-        """Router first (no new requests), then workers; SIGKILL whatever outlives the grace period."""
+        """Router first (no new requests), then workers; SIGKILL whatever outlives the grace period. Workers get
+        SIGINT: with the router gone there is no one to drain for (SIGTERM would make them drain)."""
         for child in self.children:
             if child.exited is None:
-                child.proc.send_signal(signal.SIGTERM)
+                child.proc.send_signal(signal.SIGTERM if child.name == "router" else signal.SIGINT)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     child.proc.wait(grace if child.name == "router" else 0.1)
         deadline = time.monotonic() + grace

@@ -80,10 +80,15 @@ class PrefillWorker(Worker):
         else:
             super()._on_message(peer, msg)
 
+    def _busy(self) -> bool:
+        return bool(self.jobs) or super()._busy()
+
     def _start(self, msg: PrefillReq) -> None:
         transfer = self.sender.open(msg.rid, msg.peer)
         ps = self.layout.page_size
         problem = self.layout.mismatch(KVLayout(**msg.peer.kv_layout))
+        if self.draining:  # the decode worker's request fails over (the router places it again)
+            problem = f"prefill worker {self.worker_id} is shutting down"
         if problem is None and (msg.start % ps or len(msg.dst_pages) != -(-(len(msg.token_ids) - msg.start) // ps)):
             problem = f"{len(msg.dst_pages)} destination pages do not fit tokens [{msg.start}, {len(msg.token_ids)})"
         if problem is None:
@@ -93,7 +98,7 @@ class PrefillWorker(Worker):
                 problem = str(e)
         if problem is not None:
             log.warning("refusing prefill %s: %s", msg.rid, problem)
-            self.sender.close(msg.rid, error=f"KV layout or request mismatch: {problem}")
+            self.sender.close(msg.rid, error=problem if self.draining else f"KV layout or request mismatch: {problem}")
             transfer.end(TransferState.FAILED, problem)
             return
         self.jobs[msg.rid] = _Job(msg.rid, msg.start, msg.dst_pages, msg.start)

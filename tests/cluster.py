@@ -119,7 +119,7 @@ class WorkerProc:
     def stop(self) -> None:
         self.link.close()
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGINT)  # at once (SIGTERM would drain what is in flight first)
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:

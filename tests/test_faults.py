@@ -172,7 +172,7 @@ def _processes(smollm_path: str, decode_args: tuple[str, ...] = (), router_timeo
     finally:
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+                p.send_signal(signal.SIGINT)  # at once: workers drain on SIGTERM
         for p in procs:
             try:
                 p.wait(20)

@@ -31,6 +31,9 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--router-timeout", type=float, default=60.0,
                    help="seconds a router that said Hello may stay silent before it counts as gone and the "
                         "requests it sent are aborted (routers greet every few seconds)")
+    p.add_argument("--drain-timeout", type=float, default=20.0,
+                   help="on SIGTERM, seconds to finish the requests in flight (taking no new ones) before "
+                        "exiting; keep it under the orchestrator's grace period. 0: stop at once (as SIGINT does)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--log-level", default="info")
     return p
@@ -46,7 +49,8 @@ def add_transfer_args(p: argparse.ArgumentParser) -> None:
 def worker_options(args: argparse.Namespace) -> dict:
     """Keyword arguments of every Worker class from the shared flags."""
     return {"router_url": args.router_url, "advertise_host": args.advertise_host or None,
-            "max_queued_requests": args.max_queued_requests, "router_timeout": args.router_timeout}
+            "max_queued_requests": args.max_queued_requests, "router_timeout": args.router_timeout,
+            "drain_timeout": args.drain_timeout}
 
 
 def run(args: argparse.Namespace, make_worker: Callable) -> None:

@@ -19,8 +19,13 @@ health, placement and /metrics. A step that runs longer than a heartbeat (a long
 slow machine) does not make the worker look dead: while the loop thread is inside a step, a helper
 thread repeats the latest WorkerStats every `heartbeat_s`. The control socket is guarded by a lock that
 the loop thread gives up only for the duration of a step, so the two never use it at once.
+SIGTERM (what Kubernetes and Docker send before stopping a container) drains the worker: it tells its routers
+at once that it is draining (they place nothing new there and move its sessions), refuses requests that still
+arrive with error_code "worker_unavailable" (the router places them again), finishes what it has in flight, and
+exits once nothing is left or `drain_timeout` seconds have passed (what is still running then fails). SIGINT
+(Ctrl-C), a second signal, or drain_timeout 0 stop it at once.
 The prefill and decode workers extend this loop through the hooks
-`_on_message`, `_after_step` and `_sockets`.
+`_on_message`, `_after_step`, `_sockets` and `_busy`.
 """
 
 from __future__ import annotations
@@ -62,8 +67,12 @@ class Worker:
 
     def __init__(self, engine: Engine, address: str, worker_id: str, heartbeat_s: float = 0.5,
                  router_url: str | None = None, advertise_host: str | None = None,
-                 max_queued_requests: int = 256, router_timeout: float = 60.0) -> None:
+                 max_queued_requests: int = 256, router_timeout: float = 60.0, drain_timeout: float = 20.0) -> None:
         self.engine = engine
+        self.drain_timeout = drain_timeout
+        self.draining = False  # SIGTERM: finishing what is in flight, taking nothing new
+        self._drain_deadline = 0.0
+        self._drain_announced = False
         self.max_queued_requests = max_queued_requests  # 0: no bound
         self.router_timeout = router_timeout
         self.heard: dict[bytes, float] = {}  # router (a peer that said Hello) -> when it last sent anything
@@ -110,7 +119,7 @@ class Worker:
         counters["orphans_aborted"] = float(self.orphans_aborted)
         counters["bf16_tail_tokens_computed"] = float(self.engine.scheduler.num_tail_tokens)
         return WorkerStats(worker_id=self.worker_id, instance_id=self.instance_id, counters=counters,
-                           gauges=self.gauges(), draining=self.stopping, **self.engine.stats())
+                           gauges=self.gauges(), draining=self.stopping or self.draining, **self.engine.stats())
 
     def gauges(self) -> dict[str, float]:
         return {}
@@ -151,6 +160,8 @@ class Worker:
                     poller.poll(self._idle_poll_ms())
                 self._send(self._after_step())
                 self._heartbeat()
+                if self.draining:
+                    self._drain_tick()
         finally:
             self._beats_stop.set()
             try:
@@ -196,7 +207,30 @@ class Worker:
         return int(self.heartbeat_s * 1000)
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        self.stopping = True
+        """SIGTERM starts a drain; SIGINT, a second signal or no drain_timeout stop at once. Only flags are set
+        here: the loop thread does the rest (a handler that logged or used a socket could deadlock it)."""
+        if signum == signal.SIGTERM and not self.draining and self.drain_timeout > 0:
+            self.draining = True
+            self._drain_deadline = time.monotonic() + self.drain_timeout
+        else:
+            self.stopping = True
+
+    def _busy(self) -> bool:
+        """Work in flight that a drain waits for."""
+        return bool(self.engine.requests)
+
+    def _drain_tick(self) -> None:
+        if not self._drain_announced:  # routers learn it now, not at the next heartbeat
+            self._drain_announced = True
+            log.info("worker %s draining: %d requests in flight, at most %.0f s", self.worker_id,
+                     len(self.engine.requests), self.drain_timeout)
+            self.sock.broadcast(self.stats())
+        if not self._busy():
+            log.info("worker %s drained", self.worker_id)
+            self.stopping = True
+        elif time.monotonic() >= self._drain_deadline:
+            log.warning("worker %s: drain timeout (%.0f s) with work in flight", self.worker_id, self.drain_timeout)
+            self.stopping = True
 
     def _handle(self, messages: list) -> None:
         now = time.monotonic()
@@ -227,6 +261,10 @@ class Worker:
         return []
 
     def _add(self, peer: bytes, msg: GenerateReq) -> None:
+        if self.draining:  # the router places it again
+            self.owner[msg.rid] = peer
+            self._send([_refusal(msg, f"worker {self.worker_id} is shutting down", "worker_unavailable")])
+            return
         self.owner[msg.rid] = peer
         try:
             self.engine.add_request(msg.rid, msg.input_ids, msg.params, **self._request_options(msg))
