@@ -261,11 +261,10 @@ class Worker:
         return []
 
     def _add(self, peer: bytes, msg: GenerateReq) -> None:
+        self.owner[msg.rid] = peer
         if self.draining:  # the router places it again
-            self.owner[msg.rid] = peer
             self._send([_refusal(msg, f"worker {self.worker_id} is shutting down", "worker_unavailable")])
             return
-        self.owner[msg.rid] = peer
         try:
             self.engine.add_request(msg.rid, msg.input_ids, msg.params, **self._request_options(msg))
         except InvalidSamplingParams as e:
