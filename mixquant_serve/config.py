@@ -159,7 +159,8 @@ class EngineConfig:
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int | None = None
     # prompt batches of up to this many tokens replay CUDA graphs of everything but attention
-    # (None: 4096 on CUDA, capped by chunked_prefill_size; 0: off; off with disable_cuda_graph)
+    # (None: 4096 on CUDA, capped by chunked_prefill_size + max_running_requests; 0: off; off with
+    # disable_cuda_graph)
     piecewise_cuda_graph_max_tokens: int | None = None
     # launch each decode step before reading the previous one's tokens (None: on for CUDA, off on CPU)
     overlap_schedule: bool | None = None

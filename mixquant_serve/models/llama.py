@@ -45,10 +45,6 @@ class LlamaAttention(nn.Module):
                                             self.head_dim, self.qk_norm(), kv_write)
         return q, k, v, kv_write is not None
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        q, k, v, stored = self.project(positions, x)
-        return self.o_proj(self.attn(q, k, v, kv_stored=stored))
-
 
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, precisions: Sequence[str], dtype: torch.dtype,

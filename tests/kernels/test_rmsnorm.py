@@ -63,16 +63,21 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
+def _epilogue_inputs(device, dtype, t: int, n: int, with_residual: bool, seed: int):
+    """(norm layer, x, residual or None): rows of very different magnitudes (within float16)."""
+    gen = torch.Generator().manual_seed(seed)
+    norm = _layer(n, dtype, device)
+    mag = torch.exp(3 * torch.randn(t, 1, generator=gen)).clamp(1e-3, 1e3)
+    x = (torch.randn(t, n, generator=gen) * mag).to(dtype).to(device)
+    r = torch.randn(t, n, generator=gen).to(dtype).to(device) if with_residual else None
+    return norm, x, r
+
+
 @pytest.mark.parametrize("dtype", DOT_DTYPES)
 @pytest.mark.parametrize("t, n", [(5, 4096), (3, 12288), (7, 200), (1, 64)])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_fp8_epilogue_equals_norm_then_quantize(device, dtype, t, n, with_residual):
-    gen = torch.Generator().manual_seed(n + t)
-    norm = _layer(n, dtype, device)
-    # rows of very different magnitudes (within float16)
-    mag = torch.exp(3 * torch.randn(t, 1, generator=gen)).clamp(1e-3, 1e3)
-    x = (torch.randn(t, n, generator=gen) * mag).to(dtype).to(device)
-    r = torch.randn(t, n, generator=gen).to(dtype).to(device) if with_residual else None
+    norm, x, r = _epilogue_inputs(device, dtype, t, n, with_residual, seed=n + t)
     q, scale, res = rmsnorm_fp8(x, norm.weight, norm.eps, residual=r)
     y, want_res = rmsnorm(x, norm.weight, norm.eps, residual=r)
     want_q, want_scale = fp8_quantize_per_token(y)
@@ -108,11 +113,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 @pytest.mark.parametrize("t, n", [(5, 4096), (3, 12288), (7, 208), (1, 64)])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_nvfp4_epilogue_equals_norm_then_quantize_dequantize(device, dtype, t, n, with_residual):
-    gen = torch.Generator().manual_seed(n + t + 1)
-    norm = _layer(n, dtype, device)
-    mag = torch.exp(3 * torch.randn(t, 1, generator=gen)).clamp(1e-3, 1e3)
-    x = (torch.randn(t, n, generator=gen) * mag).to(dtype).to(device)
-    r = torch.randn(t, n, generator=gen).to(dtype).to(device) if with_residual else None
+    norm, x, r = _epilogue_inputs(device, dtype, t, n, with_residual, seed=n + t + 1)
     op, scale, res = rmsnorm_nvfp4(x, norm.weight, norm.eps, residual=r)
     y, want_res = rmsnorm(x, norm.weight, norm.eps, residual=r)
     want_op, want_scale = nvfp4_quantize_dequantize(y, None, out_dtype=dtype, fold_global=True)
