@@ -6,7 +6,9 @@
 Builds (or reuses) the Qwen3-8B-shaped random checkpoint of the speed benchmarks, then for each precision
 profiles one prefill of --prefill-tokens tokens and --decode-steps decode steps of a batch already in the
 prefix cache. Prints, per phase, the GPU kernels by total time (count, total, share) and the GPU-busy time
-against the wall time, so that the gap between kernels (launch and host overhead) shows too.
+against the wall time, so that the gap between kernels (launch and host overhead) shows too. `--gaps N` adds
+where the GPU sat idle: before the first kernel, after the last, and the N longest gaps between kernels, each
+with the kernels around it and the host ops that started while it lasted (what the GPU waited for).
 """
 
 from __future__ import annotations
@@ -40,6 +42,48 @@ def kernel_table(prof: torch.profiler.profile, wall_ms: float, top: int) -> str:
     return "\n".join(lines)
 
 
+Interval = tuple[float, float, str]  # start, end (microseconds on the profiler's clock), name
+
+
+def _intervals(prof: torch.profiler.profile) -> tuple[list[Interval], list[Interval]]:
+    """(GPU kernels and copies, host ops) of a profile, each sorted by start."""
+    gpu, host = [], []
+    for ev in prof.events():
+        iv = (ev.time_range.start, ev.time_range.end, ev.name)
+        (gpu if ev.device_type == torch.autograd.DeviceType.CUDA else host).append(iv)
+    return sorted(gpu), sorted(host)
+
+
+def gap_report(gpu: list[Interval], host: list[Interval], top: int, min_us: float = 5.0) -> str:
+    """Where the GPU idles: lead (first host op to first kernel), trail (last kernel to last host op) and the
+    `top` longest gaps of at least min_us between kernels, with the host ops that began inside each gap."""
+    if not gpu:
+        return "no GPU activity"
+    gaps, busy_end, prev = [], gpu[0][1], gpu[0][2]
+    for start, end, name in gpu[1:]:
+        if start - busy_end >= min_us:
+            gaps.append((busy_end, start, prev, name))
+        if end > busy_end:
+            busy_end, prev = end, name
+    t0 = min(host[0][0], gpu[0][0]) if host else gpu[0][0]
+    t1 = max(max(h[1] for h in host), busy_end) if host else busy_end
+    lines = [f"GPU idle: lead {(gpu[0][0] - t0) / 1e3:.2f} ms, trail {(t1 - busy_end) / 1e3:.2f} ms, "
+             f"{len(gaps)} gaps >= {min_us:.0f} us between kernels: {sum(b - a for a, b, _, _ in gaps) / 1e3:.2f} ms"]
+    pairs: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0])
+    for a, b, before, after in gaps:
+        pair = pairs[before[:40], after[:40]]
+        pair[0] += 1
+        pair[1] += b - a
+    for (before, after), (count, us) in sorted(pairs.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"  {count:5d} x {us / max(count, 1):6.0f} us = {us / 1e3:6.2f} ms: {before} -> {after}")
+    lines.append("longest:")
+    for a, b, before, after in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
+        began = sorted((h for h in host if a <= h[0] < b), key=lambda h: h[0] - h[1])[:3]
+        ops = ", ".join(f"{n[:40]} {(e - s):.0f} us" for s, e, n in began) or "-"
+        lines.append(f"  {(b - a):8.0f} us at {(a - t0) / 1e3:7.2f} ms: {before[:40]} -> {after[:40]} | host: {ops}")
+    return "\n".join(lines)
+
+
 def profiled(fn) -> tuple[torch.profiler.profile, float]:
     fn()  # warm-up: compilation, graph capture paths, allocator
     torch.cuda.synchronize()
@@ -58,6 +102,8 @@ def profile_engine(engine, make_prompts, precision: str, args: argparse.Namespac
     seeds = iter(range(10**6))
     prof, wall = profiled(lambda: engine.generate(make_prompts(1, args.prefill_tokens, next(seeds)), one))
     out = [f"== prefill {args.prefill_tokens} tokens, {precision}\n{kernel_table(prof, wall, args.top)}"]
+    if args.gaps:
+        out[-1] += "\n" + gap_report(*_intervals(prof), args.gaps)
     if args.cpu_top:  # where the host's time goes when the GPU waits for it
         out[-1] += "\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.cpu_top)
     batch = make_prompts(args.decode_batch, args.decode_context, 7)
@@ -66,6 +112,8 @@ def profile_engine(engine, make_prompts, precision: str, args: argparse.Namespac
     prof, wall = profiled(lambda: engine.generate(batch, steps))
     out.append(f"== decode batch {args.decode_batch} at {args.decode_context} context, {args.decode_steps} steps "
                f"(+1 prefill of the cached prompt's last token), {precision}\n{kernel_table(prof, wall, args.top)}")
+    if args.gaps:
+        out[-1] += "\n" + gap_report(*_intervals(prof), args.gaps)
     return out
 
 
@@ -78,6 +126,7 @@ def main() -> None:
     p.add_argument("--decode-context", type=int, default=1024)
     p.add_argument("--decode-steps", type=int, default=8)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--gaps", type=int, default=0, help="also list the N longest GPU idle gaps and what the host did")
     p.add_argument("--cpu-top", type=int, default=0, help="also list the prefill's N ops by host (self CPU) time")
     args = p.parse_args()
     path, _, tmp = model_folder(args, args.device)

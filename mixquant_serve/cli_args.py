@@ -40,6 +40,9 @@ _HELP = {
                     "projection are computed in the decode precision (BF16), so the prompt's KV carries no "
                     "NVFP4/FP8 projection error (~4-6%% of prefill linear FLOPs in BF16; default: on for NVFP4 "
                     "prefill, off for FP8)",
+    "fp8_fast_accum": "FP8 GEMMs on CUDA accumulate in the tensor cores without promoting partial sums to float32 "
+                      "(cuBLAS use_fast_accum, as the FP8 GEMMs of vLLM and SGLang do): faster prefill, slightly "
+                      "less precise; process-wide",
     "bf16_tail_tokens": "Mix-Quant: the last N prompt tokens of each request are computed in the decode precision "
                         "(BF16), on the decode worker when disaggregated, the rest in the prefill precision; "
                         "with session affinity only a turn's new tokens can be in the tail",

@@ -176,6 +176,8 @@ class EngineConfig:
     # speed). With bf16_tail_tokens 16 this is the default picked from the sweeps in benchmarks/RESULTS.md
     # (issue 12)
     bf16_kv_proj: bool | None = None
+    # FP8 GEMMs on CUDA accumulate without float32 promotion (quant/fp8.py; process-wide)
+    fp8_fast_accum: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:

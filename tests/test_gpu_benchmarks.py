@@ -253,3 +253,19 @@ def test_serve_speed_end_to_end(tiny_model, tmp_path):
         assert o["tokens_per_s"] > 0 and o["step_ms"] > 0
         assert r["served_vs_offline_tput"] == pytest.approx(s["tokens_per_s"] / o["tokens_per_s"])
     assert "mixquant-serve is ready at" in (tmp_path / "serve_launch.log").read_text()
+
+
+def test_gap_report_by_hand():
+    import profile_step
+
+    # kernels a [0, 10], b [12, 20] (gap 2 us: under min_us), c [50, 60] (gap 30 us), d [100, 110] (gap 40 us)
+    gpu = [(0.0, 10.0, "a"), (12.0, 20.0, "b"), (50.0, 60.0, "c"), (100.0, 110.0, "d")]
+    host = [(-1000.0, 200.0, "generate"), (25.0, 45.0, "aten::item"), (70.0, 75.0, "aten::empty")]
+    text = profile_step.gap_report(gpu, host, top=5, min_us=5)
+    first, *rest = text.splitlines()
+    assert first == "GPU idle: lead 1.00 ms, trail 0.09 ms, 2 gaps >= 5 us between kernels: 0.07 ms"
+    assert "1 x     40 us =   0.04 ms: c -> d" in text and "1 x     30 us =   0.03 ms: b -> c" in text
+    longest = rest[rest.index("longest:") + 1:]
+    assert longest[0].split(":")[0].strip() == "40 us at    1.06 ms" and "aten::empty 5 us" in longest[0]
+    assert "b -> c | host: aten::item 20 us" in longest[1]
+    assert profile_step.gap_report([], host, top=3) == "no GPU activity"

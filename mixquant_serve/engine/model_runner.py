@@ -21,6 +21,7 @@ from mixquant_serve.kvcache.storage import KVStorage, dtype_name
 from mixquant_serve.layers.attention.base import SeqSlice, create_attention_backend
 from mixquant_serve.layers.forward_context import ForwardContext, forward_context
 from mixquant_serve.models.loader import build_model, weight_bytes
+from mixquant_serve.quant.fp8 import set_fast_accumulation
 
 log = logging.getLogger("mixquant.runner")
 
@@ -30,6 +31,7 @@ class ModelRunner:
                  dtype: torch.dtype) -> None:
         self.config, self.model_config = config, model_config
         self.device, self.dtype = device, dtype
+        set_fast_accumulation(config.fp8_fast_accum)
         self.model = build_model(model_config, config.precisions, dtype, device,
                                  quantized_path=config.quantized_model_path)
         self.weight_bytes = weight_bytes(self.model)

@@ -7,6 +7,11 @@ N to be multiples of 16, and the activation is quantized by one Triton kernel
 ``fp8_scaled_mm`` is the GEMM alone, for an activation that its producer quantized (the fused RMSNorm and
 SiLU-mul kernels).
 ``fp8_linear_reference`` is the same math in plain float32 for tests.
+
+Fast accumulation (``set_fast_accumulation``, the engine's --fp8-fast-accum): on Hopper the FP8 tensor cores
+accumulate in reduced precision unless the GEMM promotes partial sums to float32 every few K steps; cuBLAS's
+``use_fast_accum`` skips the promotion (what the FP8 GEMMs of vLLM's and SGLang's CUTLASS kernels do). A
+process-wide switch, like ``torch.backends.cuda.matmul.allow_tf32``; it changes nothing on CPU.
 """
 
 from __future__ import annotations
@@ -19,6 +24,17 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 # An absmax below this is raised to it, so an all-zero row gets a positive scale (and codes of zero).
 MIN_AMAX = 1e-12
+_fast_accum = False
+
+
+def set_fast_accumulation(on: bool) -> None:
+    """Whether CUDA FP8 GEMMs skip the float32 promotion of partial sums (faster, less precise)."""
+    global _fast_accum
+    _fast_accum = bool(on)
+
+
+def fast_accumulation() -> bool:
+    return _fast_accum
 
 
 def _scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
@@ -124,6 +140,7 @@ def fp8_scaled_mm(
             scale_a=scales.contiguous(),
             scale_b=w_scale.float().reshape(1, n).contiguous(),
             out_dtype=out_dtype if bias is None else torch.float32,
+            use_fast_accum=_fast_accum and rows.is_cuda,
         )
         if bias is not None:
             out = (out + bias.float()).to(out_dtype)
