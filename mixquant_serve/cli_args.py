@@ -42,7 +42,8 @@ _HELP = {
                     "prefill, off for FP8)",
     "fp8_fast_accum": "FP8 GEMMs on CUDA accumulate in the tensor cores without promoting partial sums to float32 "
                       "(cuBLAS use_fast_accum, as the FP8 GEMMs of vLLM and SGLang do): faster prefill, slightly "
-                      "less precise; process-wide",
+                      "less precise (an error an order of magnitude below what FP8 quantization itself adds); "
+                      "process-wide; no effect on CPU",
     "bf16_tail_tokens": "Mix-Quant: the last N prompt tokens of each request are computed in the decode precision "
                         "(BF16), on the decode worker when disaggregated, the rest in the prefill precision; "
                         "with session affinity only a turn's new tokens can be in the tail",

@@ -176,8 +176,10 @@ class EngineConfig:
     # speed). With bf16_tail_tokens 16 this is the default picked from the sweeps in benchmarks/RESULTS.md
     # (issue 12)
     bf16_kv_proj: bool | None = None
-    # FP8 GEMMs on CUDA accumulate without float32 promotion (quant/fp8.py; process-wide)
-    fp8_fast_accum: bool = False
+    # FP8 GEMMs on CUDA accumulate without float32 promotion (quant/fp8.py; process-wide); measured in
+    # benchmarks/RESULTS.md ("FP8 fast accumulation"): ~1.1x the GEMMs, an error an order of
+    # magnitude below what FP8 quantization itself adds
+    fp8_fast_accum: bool = True
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:

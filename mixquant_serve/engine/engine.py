@@ -126,13 +126,14 @@ class Engine:
                  self.pool.capacity, cfg.page_size, self.weight_summary())
         log.info("engine settings: attention=%s, chunked prefill %d tokens, up to %d running requests, "
                  "context %d, decode CUDA graphs %s, prompt-batch (piecewise) CUDA graphs %s, overlapped decode %s, "
-                 "decode rows mixed into %s",
+                 "decode rows mixed into %s, FP8 GEMM accumulation %s",
                  cfg.attention_backend, cfg.chunked_prefill_size, cfg.max_running_requests, cfg.context_length,
                  "off" if cfg.disable_cuda_graph else f"up to batch {cfg.cuda_graph_max_bs}",
                  f"up to {cfg.piecewise_cuda_graph_max_tokens} tokens" if cfg.piecewise_cuda_graph_max_tokens
                  else "off",
                  "on" if cfg.overlap_schedule else "off",
-                 " and ".join(sorted(f"{p.value} batches" for p in self.scheduler.mix_phases)) or "nothing")
+                 " and ".join(sorted(f"{p.value} batches" for p in self.scheduler.mix_phases)) or "nothing",
+                 "fast" if cfg.fp8_fast_accum and cfg.device.startswith("cuda") else "float32")
 
     # -- streaming interface ----------------------------------------------------------------------
     def add_request(self, rid: str, prompt_ids: Sequence[int], params: SamplingParams, *,

@@ -7,7 +7,12 @@ import torch
 from kernels.conftest import DOT_DTYPES, ON_GPU
 from kernels.paged_ref import attend, page_table, random_cache
 
-from mixquant_serve.kernels.extend_attention import default_extend_splits, extend_attention
+from mixquant_serve.kernels.extend_attention import (
+    default_extend_splits,
+    default_grouped_splits,
+    extend_attention,
+    grouped_block_m,
+)
 
 _ATOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
@@ -64,6 +69,43 @@ def test_default_extend_splits_only_for_small_launches_over_long_prefixes():
     assert default_extend_splits(32, 8, 2048, 8192) == 1  # already a big launch
 
 
+@pytest.mark.parametrize("dtype", DOT_DTYPES)
+@pytest.mark.parametrize(("heads", "kv_heads", "prefix", "new", "num_splits", "block_m"), [
+    (8, 2, [40, 0, 33], [16, 3, 1], 1, 32),  # G 4: 8 tokens a block, two blocks for the 16-token row
+    (8, 2, [40, 0, 33], [16, 3, 1], 5, 64),  # one block a row, the prefix shared out (some splits empty)
+    (8, 1, [100], [8], 3, 64),  # G 8: 8 tokens x 8 heads
+    (4, 2, [17, 64], [5, 2], 2, 16),  # G 2, page boundaries
+])
+def test_grouped_matches_dense_float64(device, dtype, heads, kv_heads, prefix, new, num_splits, block_m):
+    """Few new tokens (Mix-Quant's BF16 tail): a KV head's G query heads are the rows of one program."""
+    _run(device, dtype, heads, kv_heads, 64, 16, prefix, new, seed=sum(prefix), num_splits=num_splits,
+         block_m=block_m, block_n=16, grouped=True)
+
+
+def test_grouped_launch_choice():
+    assert grouped_block_m(32, 8, 16) == 64  # the 16-token tail of Qwen3-8B: 16 tokens x 4 heads
+    assert grouped_block_m(32, 8, 3) == 16
+    assert grouped_block_m(32, 8, 17) is None  # more rows than one block: the per-head launch
+    assert grouped_block_m(32, 32, 4) is None and grouped_block_m(24, 8, 4) is None  # G 1, G 3
+    assert default_grouped_splits(8, 1, 2032) == 15  # at least 128 prefix keys a split
+    assert default_grouped_splits(8, 1, 8176) == 32  # capped
+    assert default_grouped_splits(8, 64, 8176) == 1  # 512 programs already
+    with pytest.raises(ValueError, match="multiple of G"):
+        q = torch.randn(2, 8, 64)
+        k = torch.randn(32, 1, 64)
+        i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
+        extend_attention(q, k, k, torch.zeros(1, 2, dtype=torch.int32), i32([0, 2]), i32([0]), i32([2]), 16,
+                         0.125, 2, block_m=4, grouped=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_grouped_tail_on_gpu(device, dtype, num_splits):
+    _run(device, dtype, 32, 8, 128, 16, [2032, 8176, 0, 5], [16, 16, 9, 1], seed=11, num_splits=num_splits,
+         grouped=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("num_splits", [1, 4])
@@ -93,6 +135,6 @@ def test_compiles_for_hopper_with_pipelined_kv_loads():
     kernels = compile_for_hopper([dict(
         module="mixquant_serve.kernels.extend_attention", kernel="_extend_kernel", pointers=pointers,
         options=dict(num_warps=4, num_stages=2), ints=("NUM_SPLITS",), constexprs=dict(
-            G=4, HEAD_DIM=128, PAGE_SIZE=16, SPLIT=split, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128,
-            DOT_PREC="tf32")) for split in (False, True)])
+            G=4, HEAD_DIM=128, PAGE_SIZE=16, SPLIT=split, GROUPED=grouped, TOKENS=16 if grouped else 64, BLOCK_M=64,
+            BLOCK_N=64, BLOCK_D=128, DOT_PREC="tf32")) for split in (False, True) for grouped in (False, True)])
     assert all(k["async_copies"] >= 2 and k["shared"] <= 200 * 1024 for k in kernels)
