@@ -40,13 +40,16 @@ def capture_sizes(max_tokens: int) -> list[int]:
 
 
 class _StaticKV:
-    """The attention backend as the captured pieces see it: K/V go to the static slot buffer."""
+    """The attention backend as the captured pieces see it: K/V go to the static slot buffer, and the rotary
+    kernel writes q, k and v straight into the static q/k/v buffers (`outs`)."""
 
-    def __init__(self, backend, slots: torch.Tensor) -> None:
-        self.backend, self.slots = backend, slots
+    def __init__(self, backend, slots: torch.Tensor, outs: tuple[torch.Tensor, ...]) -> None:
+        self.backend, self.slots, self.outs = backend, slots, outs
 
     def kv_write(self, layer: int, meta):
-        return self.backend.static_kv_write(layer, self.slots)
+        write = self.backend.static_kv_write(layer, self.slots)
+        return None if write is None else write._replace(q_out=self.outs[0], k_out=self.outs[1],
+                                                         v_out=self.outs[2])
 
 
 class PiecewiseGraphs:
@@ -87,7 +90,8 @@ class PiecewiseGraphs:
 
     # -- the pieces -------------------------------------------------------------------------------
     def _context(self, key: Key, n: int) -> ForwardContext:
-        return ForwardContext(key[0], _StaticKV(self.attn, self.slots[:n]), None, None, key[1])
+        outs = (self.q[:n], self.k[:n], self.v[:n])
+        return ForwardContext(key[0], _StaticKV(self.attn, self.slots[:n], outs), None, None, key[1])
 
     def _piece(self, i: int, n: int, residual: torch.Tensor | None) -> torch.Tensor:
         """Piece i over the first n rows of the static buffers: returns the residual stream (the final
@@ -100,9 +104,9 @@ class PiecewiseGraphs:
         if i == self.num_layers:
             return self.model.norm.add_norm(x, residual)[0]
         q, k, v, _, residual = layers[i].before_attention(self.positions[:n], x, residual)
-        self.q[:n].copy_(q)
-        self.k[:n].copy_(k)
-        self.v[:n].copy_(v)
+        for got, buf in ((q, self.q), (k, self.k), (v, self.v)):
+            if got.data_ptr() != buf.data_ptr():  # the rotary kernel did not write there itself
+                buf[:n].copy_(got)
         return residual
 
     def _capture(self, key: Key, n: int) -> None:

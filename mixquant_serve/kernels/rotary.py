@@ -50,11 +50,13 @@ def _store_halves(dst, o1, o2, mask, HALF: tl.constexpr):
 
 
 @triton.jit
-def _qkv_rope_kernel(qkv_ptr, q_ptr, k_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr,
-                     kw_ptr, qkv_stride, table_stride, eps, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
-                     HALF: tl.constexpr, BLOCK_H: tl.constexpr, Q_BLOCKS: tl.constexpr, KV_BLOCKS: tl.constexpr,
-                     HAS_NORM: tl.constexpr, WRITE_K: tl.constexpr, TO_CACHE: tl.constexpr):
-    # program (token, block): blocks [0, Q_BLOCKS) are q heads, then KV_BLOCKS of k heads, then (TO_CACHE) v
+def _qkv_rope_kernel(qkv_ptr, q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, pos_ptr, cos_ptr, sin_ptr,
+                     qw_ptr, kw_ptr, qkv_stride, table_stride, eps, NUM_HEADS: tl.constexpr,
+                     NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, Q_BLOCKS: tl.constexpr,
+                     KV_BLOCKS: tl.constexpr, HAS_NORM: tl.constexpr, WRITE_K: tl.constexpr, TO_CACHE: tl.constexpr,
+                     WRITE_V: tl.constexpr):
+    # program (token, block): blocks [0, Q_BLOCKS) are q heads, then KV_BLOCKS of k heads, then (TO_CACHE or
+    # WRITE_V) v
     tok = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     hb = tl.arange(0, BLOCK_H)[:, None]
@@ -76,14 +78,17 @@ def _qkv_rope_kernel(qkv_ptr, q_ptr, k_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, 
         if TO_CACHE:
             slot = tl.load(slot_ptr + tok)
             _store_halves(k_cache_ptr + (slot * NUM_KV_HEADS + head) * (2 * HALF), o1, o2, mask, HALF)
-    elif TO_CACHE:
+    elif TO_CACHE or WRITE_V:
         head = (blk - Q_BLOCKS - KV_BLOCKS) * BLOCK_H + hb
         mask = head < NUM_KV_HEADS
         d = tl.arange(0, 2 * HALF)[None, :]
         v = tl.load(row + (NUM_HEADS + NUM_KV_HEADS + head) * (2 * HALF) + d, mask=mask)
-        slot = tl.load(slot_ptr + tok)
-        dst = v_cache_ptr + (slot * NUM_KV_HEADS + head) * (2 * HALF) + d
-        tl.store(dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        if TO_CACHE:
+            slot = tl.load(slot_ptr + tok)
+            dst = v_cache_ptr + (slot * NUM_KV_HEADS + head) * (2 * HALF) + d
+            tl.store(dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        if WRITE_V:
+            tl.store(v_ptr + (tok * NUM_KV_HEADS + head) * (2 * HALF) + d, v, mask=mask)
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, t: int, num_kv_heads: int,
@@ -100,8 +105,10 @@ def qk_norm_rope(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim:
                  cos: torch.Tensor, sin: torch.Tensor, q_weight: torch.Tensor | None = None,
                  k_weight: torch.Tensor | None = None, eps: float = 0.0, k_cache: torch.Tensor | None = None,
                  v_cache: torch.Tensor | None = None, slots: torch.Tensor | None = None,
-                 keep_k: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``qkv [T, (H + 2*Hkv) * D]`` -> rotated ``q [T, H, D]`` and ``k [T, Hkv, D]`` (new tensors).
+                 keep_k: bool = True, q_out: torch.Tensor | None = None, k_out: torch.Tensor | None = None,
+                 v_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``qkv [T, (H + 2*Hkv) * D]`` -> rotated ``q [T, H, D]`` and ``k [T, Hkv, D]`` (new tensors, or ``q_out``
+    and ``k_out`` when given: contiguous, of those shapes; ``v_out`` too gets a contiguous copy of v).
 
     ``positions [T]`` index the float32 ``cos``/``sin`` tables ``[max_pos, D]``. With ``q_weight`` and
     ``k_weight`` (``[D]`` each) every head is RMS-normalised first (Qwen3). D must be a power of two.
@@ -129,16 +136,29 @@ def qk_norm_rope(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim:
         _check_cache(k_cache, v_cache, slots, t, num_kv_heads, head_dim, qkv.device)
     elif not keep_k:
         raise ValueError("without a cache to write, k must be kept")
-    q = torch.empty(t, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    k = torch.empty(t, num_kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device) if keep_k else None
+    q = _out(q_out, "q_out", (t, num_heads, head_dim), qkv)
+    k = _out(k_out, "k_out", (t, num_kv_heads, head_dim), qkv) if keep_k else None
+    v = _out(v_out, "v_out", (t, num_kv_heads, head_dim), qkv) if v_out is not None else None
     if t:
         block_h = min(triton.next_power_of_2(num_kv_heads), max(1, 2048 // head_dim))
         q_blocks, kv_blocks = triton.cdiv(num_heads, block_h), triton.cdiv(num_kv_heads, block_h)
         qw, kw = (q_weight, k_weight) if has_norm else (cos, cos)  # unused placeholders without a norm
-        _qkv_rope_kernel[(t, q_blocks + kv_blocks * (2 if to_cache else 1))](
-            qkv, q, q if k is None else k, k_cache if to_cache else q, v_cache if to_cache else q,
-            slots if to_cache else positions, positions, cos, sin, qw, kw, qkv.stride(0), cos.stride(0), eps,
-            NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=head_dim // 2, BLOCK_H=block_h,
-            Q_BLOCKS=q_blocks, KV_BLOCKS=kv_blocks, HAS_NORM=has_norm, WRITE_K=keep_k, TO_CACHE=to_cache,
-            num_warps=max(1, min(8, block_h * head_dim // 256)))
+        v_blocks = kv_blocks if to_cache or v is not None else 0
+        _qkv_rope_kernel[(t, q_blocks + kv_blocks + v_blocks)](
+            qkv, q, q if k is None else k, q if v is None else v, k_cache if to_cache else q,
+            v_cache if to_cache else q, slots if to_cache else positions, positions, cos, sin, qw, kw,
+            qkv.stride(0), cos.stride(0), eps, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=head_dim // 2,
+            BLOCK_H=block_h, Q_BLOCKS=q_blocks, KV_BLOCKS=kv_blocks, HAS_NORM=has_norm, WRITE_K=keep_k,
+            TO_CACHE=to_cache, WRITE_V=v is not None, num_warps=max(1, min(8, block_h * head_dim // 256)))
     return q, k
+
+
+def _out(given: torch.Tensor | None, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """`given` checked to be a contiguous tensor of `shape` in like's dtype and device, or a new one."""
+    if given is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    if tuple(given.shape) != shape or given.dtype != like.dtype or given.device != like.device \
+            or not given.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous {like.dtype} tensor of shape {shape} on {like.device}, "
+                         f"got {given.dtype} {tuple(given.shape)} on {given.device}")
+    return given

@@ -66,7 +66,8 @@ class RotaryEmbedding(nn.Module):
                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``qkv [T, (H + 2*Hkv) * D]`` -> ``q [T, H, D]``, ``k [T, Hkv, D]`` rotated (normed first if
         ``qk_norm``), and ``v [T, Hkv, D]``. With ``kv_write`` k and v are also stored in its cache rows, and k
-        comes back only if ``kv_write.keep_k`` (else None)."""
+        comes back only if ``kv_write.keep_k`` (else None); q, k and v land in its ``q_out``/``k_out``/``v_out``
+        where it names them."""
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
         v = qkv[:, q_size + kv_size :].view(-1, num_kv_heads, head_dim)
         if qkv.is_cuda:
@@ -74,10 +75,11 @@ class RotaryEmbedding(nn.Module):
 
             qw, kw, eps = (qk_norm[0].weight, qk_norm[1].weight, qk_norm[0].eps) if qk_norm else (None, None, 0.0)
             cache = dict(k_cache=kv_write.k_cache, v_cache=kv_write.v_cache, slots=kv_write.slots,
-                         keep_k=kv_write.keep_k) if kv_write else {}
+                         keep_k=kv_write.keep_k, q_out=kv_write.q_out, k_out=kv_write.k_out,
+                         v_out=kv_write.v_out) if kv_write else {}
             q, k = qk_norm_rope(qkv, num_heads, num_kv_heads, head_dim, positions, self.cos, self.sin, qw, kw, eps,
                                 **cache)
-            return q, k, v
+            return q, k, v if kv_write is None or kv_write.v_out is None else kv_write.v_out
         q = qkv[:, :q_size].view(-1, num_heads, head_dim)
         k = qkv[:, q_size : q_size + kv_size].view(-1, num_kv_heads, head_dim)
         if qk_norm is not None:
@@ -87,6 +89,8 @@ class RotaryEmbedding(nn.Module):
             return q, k, v
         kv_write.k_cache.index_copy_(0, kv_write.slots, k.to(kv_write.k_cache.dtype))
         kv_write.v_cache.index_copy_(0, kv_write.slots, v.to(kv_write.v_cache.dtype))
+        q, k, v = (x if out is None else out.copy_(x) for x, out in
+                   ((q, kv_write.q_out), (k, kv_write.k_out), (v, kv_write.v_out)))
         return q, k if kv_write.keep_k else None, v
 
 

@@ -87,6 +87,32 @@ def test_cache_write_matches_rotate_then_index_copy(device, dtype, cache_dtype, 
     torch.testing.assert_close(k_cache[slots[:-2]], eager_k[:-2].to(k_cache.dtype), **tol)
 
 
+@pytest.mark.parametrize("to_cache", [False, True])
+def test_writes_into_given_buffers(device, to_cache):
+    """q_out/k_out/v_out (a CUDA graph's static buffers, here views of bigger ones): the same q and k as new
+    tensors, v copied contiguous; rows past T untouched."""
+    h, hkv, d, t = 8, 2, 64, 7
+    qkv, pos, (qw, kw) = _inputs(device, torch.float16, h, hkv, d, t, True, seed=5)
+    rotary = RotaryEmbedding(d, 4096, 1e6, None, device)
+    want_q, want_k = qk_norm_rope(qkv, h, hkv, d, pos, rotary.cos, rotary.sin, qw, kw, 1e-6)
+    bufs = [torch.full((t + 3, n, d), 7.0, dtype=torch.float16, device=device) for n in (h, hkv, hkv)]
+    cache = {}
+    if to_cache:
+        slots = torch.arange(t, device=device)
+        cache = dict(k_cache=torch.zeros(16, hkv, d, dtype=torch.float16, device=device),
+                     v_cache=torch.zeros(16, hkv, d, dtype=torch.float16, device=device), slots=slots)
+    got_q, got_k = qk_norm_rope(qkv, h, hkv, d, pos, rotary.cos, rotary.sin, qw, kw, 1e-6, **cache,
+                                q_out=bufs[0][:t], k_out=bufs[1][:t], v_out=bufs[2][:t])
+    assert got_q.data_ptr() == bufs[0].data_ptr() and got_k.data_ptr() == bufs[1].data_ptr()
+    assert torch.equal(bufs[0][:t], want_q) and torch.equal(bufs[1][:t], want_k)
+    assert torch.equal(bufs[2][:t], qkv[:, (h + hkv) * d :].reshape(t, hkv, d))
+    assert all((b[t:] == 7).all() for b in bufs)
+    if to_cache:
+        assert torch.equal(cache["v_cache"][:t], bufs[2][:t]) and torch.equal(cache["k_cache"][:t], want_k)
+    with pytest.raises(ValueError, match="q_out"):
+        qk_norm_rope(qkv, h, hkv, d, pos, rotary.cos, rotary.sin, qw, kw, 1e-6, q_out=bufs[0])
+
+
 def _norms(qw, kw, dtype, d, device):
     if qw is None:
         return None, None

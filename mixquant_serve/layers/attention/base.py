@@ -34,6 +34,10 @@ class KVWrite(NamedTuple):
     v_cache: torch.Tensor
     slots: torch.Tensor  # int64 [T]
     keep_k: bool  # forward still reads k (v is always passed: a view of the projection costs nothing)
+    # where q, k (if kept) and a contiguous v go instead of new tensors (the static buffers of a CUDA graph)
+    q_out: torch.Tensor | None = None
+    k_out: torch.Tensor | None = None
+    v_out: torch.Tensor | None = None
 
 
 class AttentionBackend(ABC):
