@@ -20,7 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from mixquant_serve.kernels.decode_attention import decode_attention, default_num_splits
-from mixquant_serve.kernels.extend_attention import default_extend_splits, extend_attention
+from mixquant_serve.kernels.extend_attention import (
+    default_extend_splits,
+    default_grouped_splits,
+    extend_attention,
+    grouped_block_m,
+)
 from mixquant_serve.kvcache.storage import KVStorage
 from mixquant_serve.layers.attention.base import AttentionBackend, KVWrite, SeqSlice
 
@@ -37,6 +42,7 @@ class TritonMeta:
     num_splits: int  # KV splits of the kernel this batch runs (decode or extend)
     sdpa: bool  # one sequence, no cached prefix: causal SDPA on the new tokens' q/k/v
     buf: torch.Tensor  # int32, the one device buffer that all the tensors above view
+    grouped: bool = False  # extend: a program per KV head with its G query heads as rows (few new tokens)
 
 
 def _page_table(seqs: Sequence[SeqSlice], seq_lens: np.ndarray, page_size: int, cols: int) -> np.ndarray:
@@ -102,10 +108,15 @@ class TritonBackend(AttentionBackend):
     def _num_splits(self, batch: int) -> int:
         return self.decode_splits or default_num_splits(batch, self.num_kv_heads, self.num_sms)
 
-    def _extend_splits(self, seqs: Sequence[SeqSlice], max_q_len: int) -> int:
+    def _extend_launch(self, seqs: Sequence[SeqSlice], max_q_len: int) -> tuple[int, bool]:
+        """(KV splits, grouped) of an extend batch: grouped when every sequence has few new tokens (the BF16
+        tail, a short turn), see kernels/extend_attention.py."""
         max_prefix = max(s.start for s in seqs)
-        return self.extend_splits or default_extend_splits(self.num_heads, len(seqs), max_q_len, max_prefix,
-                                                           self.num_sms)
+        if self.extend_splits:
+            return self.extend_splits, False
+        if grouped_block_m(self.num_heads, self.num_kv_heads, max_q_len) is not None:
+            return default_grouped_splits(self.num_kv_heads, len(seqs), max_prefix, self.num_sms), True
+        return default_extend_splits(self.num_heads, len(seqs), max_q_len, max_prefix, self.num_sms), False
 
     def plan(self, seqs: Sequence[SeqSlice]) -> TritonMeta:
         if not seqs:
@@ -118,17 +129,18 @@ class TritonBackend(AttentionBackend):
         if max_q_len == 1:
             return self._meta(buf, b, t, cols, 1, True, self._num_splits(b), False)
         sdpa = self.sdpa_prefill and b == 1 and seqs[0].start == 0
-        return self._meta(buf, b, t, cols, max_q_len, False, self._extend_splits(seqs, max_q_len), sdpa)
+        splits, grouped = self._extend_launch(seqs, max_q_len)
+        return self._meta(buf, b, t, cols, max_q_len, False, splits, sdpa, grouped)
 
     @staticmethod
     def _meta(buf: torch.Tensor, b: int, t: int, cols: int, max_q_len: int, is_decode: bool, num_splits: int,
-              sdpa: bool) -> TritonMeta:
+              sdpa: bool, grouped: bool = False) -> TritonMeta:
         """Views of a buffer laid out as _host_layout writes it (b rows, t new tokens, cols pages a row)."""
         ints = buf[2 * t :]
         seq_lens, prefix, q_start = ints[:b], ints[b : 2 * b], ints[2 * b : 3 * b + 1]
         table = ints[3 * b + 1 : 3 * b + 1 + b * cols].view(b, cols)
         return TritonMeta(buf[: 2 * t].view(torch.int64), table, seq_lens, prefix, q_start, max_q_len, is_decode,
-                          num_splits, sdpa, buf)
+                          num_splits, sdpa, buf, grouped)
 
     def static_decode_meta(self, max_batch: int, max_pages: int) -> TritonMeta:
         """Device buffers for decode batches of up to max_batch rows and max_pages pages per row."""
@@ -175,7 +187,7 @@ class TritonBackend(AttentionBackend):
         else:
             out = extend_attention(qc, k_cache, v_cache, meta.page_table, meta.q_start_loc, meta.prefix_lens,
                                    meta.seq_lens, self.page_size, self.scale, meta.max_q_len,
-                                   num_splits=meta.num_splits)
+                                   num_splits=meta.num_splits, grouped=meta.grouped)
         return out.view(q.shape[0], -1).to(q.dtype)
 
     def _sdpa_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
