@@ -2,10 +2,12 @@
 
 Program (b, kv_head, split) attends all G = H / Hkv query heads of one KV head over one slice of the
 sequence's keys, so each KV page is read once; it writes a float32 partial output and its log-sum-exp
-(base 2), and merge_attention combines the splits. The split count is a launch parameter that does not
-depend on the sequence lengths (each split takes ceil(seq_len / num_splits) keys, rounded up to whole
-key blocks, computed in the kernel), so one launch can be captured in a CUDA graph and replayed with
-other lengths. A row with seq_len 0 (a padding row) gets zeros.
+(base 2), and merge_attention combines the splits. The split count is a launch parameter (the grid's third
+dimension, not a compile-time constant: the graphs of all batch sizes share two compiled kernels, one split
+or several) that does not depend on the sequence lengths (each split takes ceil(seq_len / num_splits) keys,
+rounded up to whole key blocks, computed in the kernel), so one launch can be captured in a CUDA graph and
+replayed with other lengths. A row with seq_len 0 (a padding row) gets zeros. Launch fields and the split
+policy: kernels/tuning.py's "decode_attention" entry (MIXQUANT_KERNEL_CONFIGS overrides it per GPU).
 """
 
 from __future__ import annotations
@@ -15,15 +17,33 @@ import triton
 import triton.language as tl
 
 from mixquant_serve.kernels.merge_attention import merge_attention
+from mixquant_serve.kernels.tuning import ENV, config
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def default_num_splits(batch: int, num_kv_heads: int, num_sms: int = 132, cap: int = 32) -> int:
-    """Enough (batch, kv_head, split) programs to fill the SMs about twice, at most `cap` splits."""
+def _config() -> dict[str, int]:
+    cfg = config("decode_attention")
+    if cfg["split_cap"] < 1 or cfg["programs_per_sm"] < 1:
+        raise ValueError(f"decode_attention: split_cap and programs_per_sm must be >= 1, got {cfg} "
+                         f"(kernels/tuning.py, {ENV})")
+    return cfg
+
+
+def _check_launch(block_n: int, num_warps: int, num_stages: int) -> None:
+    if block_n < 16 or block_n & (block_n - 1) or not 1 <= num_warps <= 32 or num_warps & (num_warps - 1) \
+            or num_stages < 1:
+        raise ValueError(f"decode_attention: block_n must be a power of two >= 16, num_warps a power of two up to "
+                         f"32 and num_stages >= 1, got {block_n}, {num_warps}, {num_stages} (kernels/tuning.py, {ENV})")
+
+
+def default_num_splits(batch: int, num_kv_heads: int, num_sms: int = 132) -> int:
+    """Enough (batch, kv_head, split) programs for about programs_per_sm per SM, at most split_cap splits
+    (kernels/tuning.py; by default twice the SMs, at most 32)."""
+    cfg = _config()
     programs = max(batch * num_kv_heads, 1)
-    return max(1, min(cap, triton.cdiv(2 * num_sms, programs)))
+    return max(1, min(cfg["split_cap"], triton.cdiv(cfg["programs_per_sm"] * num_sms, programs)))
 
 
 @triton.jit
@@ -31,14 +51,15 @@ def _decode_split_kernel(
     Q, K, V, PageTable, SeqLens, Out, PartO, PartLse,
     stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_pt, stride_ob, stride_oh,
     sm_scale_log2,
-    G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
     seq_len = tl.load(SeqLens + b)
-    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, seq_len)
 
@@ -70,11 +91,11 @@ def _decode_split_kernel(
         m_i = m_new
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty split (or row) gives zeros, never NaN
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         out_ptrs = Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(out_ptrs, o.to(Out.dtype.element_ty), mask=gd_mask)
     else:
-        row = (b * G * tl.num_programs(1) + heads) * NUM_SPLITS + split  # PartLse [B, H, S], PartO [B, H, S, D]
+        row = (b * G * tl.num_programs(1) + heads) * num_splits + split  # PartLse [B, H, S], PartO [B, H, S, D]
         tl.store(PartO + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=gd_mask)
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(PartLse + row, lse, mask=offs_g < G)
@@ -108,13 +129,18 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_t
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                      seq_lens: torch.Tensor, page_size: int, scale: float, num_splits: int,
-                     out: torch.Tensor | None = None, *, block_n: int = 64, num_warps: int = 4,
-                     num_stages: int = 2) -> torch.Tensor:
+                     out: torch.Tensor | None = None, *, block_n: int | None = None, num_warps: int | None = None,
+                     num_stages: int | None = None) -> torch.Tensor:
     """q [B, H, D] attends to keys 0..seq_lens[b]-1 of row b, read through page_table [B, P] from the
-    caches [num_slots, Hkv, D] (slot = page * page_size + pos % page_size) -> out [B, H, D] in q's dtype."""
+    caches [num_slots, Hkv, D] (slot = page * page_size + pos % page_size) -> out [B, H, D] in q's dtype.
+    Launch fields left None come from kernels/tuning.py."""
     _check(q, k_cache, v_cache, page_table, seq_lens, out)
     if num_splits < 1 or page_size < 1:
         raise ValueError(f"num_splits and page_size must be >= 1, got {num_splits}, {page_size}")
+    cfg = _config()
+    block_n, num_warps, num_stages = (cfg[name] if given is None else given for name, given in
+                                      (("block_n", block_n), ("num_warps", num_warps), ("num_stages", num_stages)))
+    _check_launch(block_n, num_warps, num_stages)
     (b, h, d), hkv = q.shape, k_cache.shape[1]
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     if b == 0:
@@ -129,7 +155,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, page_table, seq_lens, out, part_o, part_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         page_table.stride(0), out.stride(0), out.stride(1), scale * _LOG2E,
-        G=g, HEAD_DIM=d, PAGE_SIZE=page_size, NUM_SPLITS=num_splits, BLOCK_G=max(16, triton.next_power_of_2(g)),
+        G=g, HEAD_DIM=d, PAGE_SIZE=page_size, SPLIT=num_splits > 1, BLOCK_G=max(16, triton.next_power_of_2(g)),
         BLOCK_N=block_n, BLOCK_D=block_d, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )

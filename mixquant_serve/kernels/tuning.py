@@ -3,9 +3,15 @@
 The defaults are the ones `benchmarks/quant_kernels.py --sweep` measured best on one H200 (benchmarks/RESULTS.md);
 the sweep checks that every configuration writes the same bits. MIXQUANT_KERNEL_CONFIGS, a JSON object
 ``{"kernel": {"field": value, ...}}``, overrides fields for another GPU (the sweep prints the object to use).
-Fields: "silu_mul_fp8": block (columns per step; at least the row width: the whole row stays in registers,
-one read of gate_up) and num_warps; "rmsnorm": max_warps; "fp8_per_token": num_warps (0: 4 up to a block of
-1024 columns, else 8).
+Fields: "silu_mul_fp8": block (columns per step, a power of two; at least the row width: the whole row stays in
+registers as two power-of-two pieces, one read of gate_up), num_warps and programs_per_sm (0: one program per
+row; n: a persistent grid of at most n programs per SM, each looping over rows pid, pid + grid, ...);
+"rmsnorm": max_warps; "fp8_per_token": num_warps (0: 4 up to a block of 1024 columns, else 8), rows (rows per
+program, a power of two: one [rows, K] tile) and programs_per_sm (as for SiLU-mul, over groups of rows);
+"decode_attention" (not swept yet: the launch it always had; `benchmarks/attention_kernels.py
+--sweep` times it in a CUDA graph): block_n (keys per step, a power of two >= 16), num_warps, num_stages, and
+the KV splits of a decode batch of B rows: about programs_per_sm x SMs programs over B x kv heads, at most
+split_cap.
 """
 
 from __future__ import annotations
@@ -15,12 +21,30 @@ import os
 from functools import cache
 from typing import Any
 
+import torch
+
 DEFAULTS: dict[str, dict[str, int]] = {
-    "silu_mul_fp8": {"block": 4096, "num_warps": 8},  # 0.226 ms at 8k tokens (2048/8 before: 0.234)
+    # the row held in registers: 0.167 ms at 8k tokens, 73% of the copy bandwidth (4096/8: 0.207 ms; RESULTS.md)
+    "silu_mul_fp8": {"block": 16384, "num_warps": 8, "programs_per_sm": 0},
     "rmsnorm": {"max_warps": 16},  # fewer warps sum a row in another order: other bits
-    "fp8_per_token": {"num_warps": 4},  # 0.035 ms at 8k (8 before: 0.036), 0.033 at 2k (0.039)
+    "fp8_per_token": {"num_warps": 4, "rows": 1, "programs_per_sm": 0},  # 0.035 ms at 8k (8 warps: 0.036)
+    "decode_attention": {"block_n": 64, "num_warps": 4, "num_stages": 2, "split_cap": 32, "programs_per_sm": 2},
 }
 ENV = "MIXQUANT_KERNEL_CONFIGS"
+INTERPRETER_SMS = 4  # the SM count a persistent grid assumes in Triton's CPU interpreter (tests loop over rows)
+
+
+def _pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+# (kernel, field) -> (test, what the field must be), beyond "a non-negative integer"
+RULES = {
+    ("silu_mul_fp8", "block"): (_pow2, "a power of two"),
+    ("silu_mul_fp8", "num_warps"): (lambda v: _pow2(v) and v <= 32, "a power of two up to 32"),
+    ("fp8_per_token", "num_warps"): (lambda v: v == 0 or _pow2(v) and v <= 32, "0 or a power of two up to 32"),
+    ("fp8_per_token", "rows"): (_pow2, "a power of two"),
+}
 
 
 @cache
@@ -36,9 +60,31 @@ def _overrides(text: str) -> dict[str, dict[str, int]]:
             raise ValueError(f"{ENV}: unknown kernel or field in {name!r}: {fields!r}; known: {DEFAULTS}")
         if not all(isinstance(v, int) and v >= 0 for v in fields.values()):
             raise ValueError(f"{ENV}: {name} fields must be non-negative integers, got {fields!r}")
+        for field, v in fields.items():
+            test, want = RULES.get((name, field), (None, ""))
+            if test is not None and not test(v):
+                raise ValueError(f"{ENV}: {name} {field} must be {want}, got {v}")
     return data
 
 
 def config(name: str) -> dict[str, Any]:
     """The launch fields of kernel `name`: DEFAULTS[name] updated by the environment's override."""
     return {**DEFAULTS[name], **_overrides(os.environ.get(ENV, "")).get(name, {})}
+
+
+def launch_grid(rows: int, programs_per_sm: int, device: torch.device) -> int:
+    """Programs for `rows` rows (or row groups): one each for programs_per_sm 0, else at most programs_per_sm per
+    SM (a persistent grid; the kernel loops)."""
+    return rows if programs_per_sm == 0 else min(rows, programs_per_sm * num_sms(device))
+
+
+def num_sms(device: torch.device) -> int:
+    """The device's SM count; INTERPRETER_SMS in Triton's CPU interpreter."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return INTERPRETER_SMS
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@cache
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count

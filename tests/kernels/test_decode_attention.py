@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from kernels.conftest import DOT_DTYPES, ON_GPU
 from kernels.paged_ref import attend, page_table, random_cache
 
 from mixquant_serve.kernels.decode_attention import decode_attention, default_num_splits
+from mixquant_serve.kernels.tuning import DEFAULTS, config
 
 _ATOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
@@ -62,11 +65,52 @@ def test_all_rows_padding_give_zeros(device):
     assert torch.equal(out, torch.zeros_like(q))
 
 
-def test_default_num_splits_fills_the_gpu_without_depending_on_lengths():
+@pytest.mark.parametrize(("cfg", "lens", "num_splits"), [
+    ({"block_n": 16, "num_stages": 3}, [100, 0, 17, 1], 12),  # more splits than the 7 key blocks: empty splits
+    ({"block_n": 32, "num_warps": 8, "num_stages": 4}, [0, 70, 33], 3),  # a padding row first
+    ({"block_n": 128, "num_warps": 2, "num_stages": 1}, [130, 5, 0], 2),  # a block past a short row's end
+    ({"block_n": 16, "num_warps": 1}, [300, 0, 16], 40),  # over 32 splits: the merge takes two steps
+])
+def test_matches_dense_float64_in_other_launch_configs(device, monkeypatch, cfg, lens, num_splits):
+    """kernels/tuning.py's fields through MIXQUANT_KERNEL_CONFIGS, as the sweep and another GPU set them."""
+    monkeypatch.setenv("MIXQUANT_KERNEL_CONFIGS", json.dumps({"decode_attention": cfg}))
+    _run(device, torch.float32, 4, 1, 64, 16, lens, num_splits, seed=num_splits)
+
+
+def test_default_num_splits_fills_the_gpu_without_depending_on_lengths(monkeypatch):
+    monkeypatch.delenv("MIXQUANT_KERNEL_CONFIGS", raising=False)
     assert default_num_splits(1, 8) == 32  # capped
     assert default_num_splits(8, 8) == 5  # ceil(264 / 64)
     assert default_num_splits(256, 8) == 1
     assert default_num_splits(0, 8) == 32
+    assert config("decode_attention") == {"block_n": 64, "num_warps": 4, "num_stages": 2, "split_cap": 32,
+                                          "programs_per_sm": 2}  # the launch before it was tunable
+    monkeypatch.setenv("MIXQUANT_KERNEL_CONFIGS", json.dumps({"decode_attention": {"split_cap": 128,
+                                                                                   "programs_per_sm": 8}}))
+    assert default_num_splits(1, 8) == 128  # ceil(1056 / 8) capped
+    assert default_num_splits(8, 8) == 17
+    assert default_num_splits(64, 8) == 3
+    assert config("decode_attention")["block_n"] == DEFAULTS["decode_attention"]["block_n"]
+
+
+@pytest.mark.parametrize("bad", [
+    {"block_n": 48}, {"block_n": 8}, {"num_warps": 3}, {"num_warps": 64}, {"num_warps": 0}, {"num_stages": 0},
+    {"split_cap": 0}, {"programs_per_sm": 0}, {"block_m": 64}, {"block_n": -64},
+])
+def test_bad_launch_config_is_refused(device, monkeypatch, bad):
+    q = torch.randn(1, 4, 64, device=device)
+    k = torch.randn(32, 2, 64, device=device)
+    table = torch.zeros(1, 2, dtype=torch.int32, device=device)
+    lens = torch.ones(1, dtype=torch.int32, device=device)
+    monkeypatch.setenv("MIXQUANT_KERNEL_CONFIGS", json.dumps({"decode_attention": bad}))
+    with pytest.raises(ValueError, match="MIXQUANT_KERNEL_CONFIGS"):
+        decode_attention(q, k, k, table, lens, 16, 0.125, 2)
+    if set(bad) & {"split_cap", "programs_per_sm"}:
+        with pytest.raises(ValueError, match="MIXQUANT_KERNEL_CONFIGS"):
+            default_num_splits(1, 8)
+    monkeypatch.delenv("MIXQUANT_KERNEL_CONFIGS")
+    with pytest.raises(ValueError, match="block_n must be a power of two"):
+        decode_attention(q, k, k, table, lens, 16, 0.125, 2, block_n=24)
 
 
 def test_rejects_bad_inputs(device):
@@ -88,17 +132,22 @@ def test_rejects_bad_inputs(device):
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU every test compiles and launches the kernels")
 def test_compiles_for_hopper_with_pipelined_kv_loads():
+    """The default launch and the sweep's largest (benchmarks/attention_kernels.py: 128 keys a step, 4 stages)."""
     from kernels.hopper_compile import compile_for_hopper
 
     pointers = dict(Q="bf16", K="bf16", V="bf16", PageTable="i32", SeqLens="i32", Out="bf16", PartO="fp32",
                     PartLse="fp32")
-    module = "mixquant_serve.kernels.decode_attention"
-    split, _ = compile_for_hopper([
-        dict(module=module, kernel="_decode_split_kernel", pointers=pointers, options=dict(num_warps=4, num_stages=2),
-             constexprs=dict(G=4, HEAD_DIM=128, PAGE_SIZE=16, NUM_SPLITS=8, BLOCK_G=16, BLOCK_N=64, BLOCK_D=128,
-                             DOT_PREC="tf32")),
+
+    def split_kernel(block_n: int, num_warps: int, num_stages: int) -> dict:
+        return dict(module="mixquant_serve.kernels.decode_attention", kernel="_decode_split_kernel", pointers=pointers,
+                    options=dict(num_warps=num_warps, num_stages=num_stages),
+                    constexprs=dict(G=4, HEAD_DIM=128, PAGE_SIZE=16, SPLIT=True, BLOCK_G=16, BLOCK_N=block_n,
+                                    BLOCK_D=128, DOT_PREC="tf32"))
+
+    default, largest, _ = compile_for_hopper([
+        split_kernel(64, 4, 2), split_kernel(128, 8, 4),
         dict(module="mixquant_serve.kernels.merge_attention", kernel="_merge_kernel", pointers=pointers,
-             options=dict(num_warps=4),
-             constexprs=dict(HEAD_DIM=128, NUM_SPLITS=8, BLOCK_S=8, BLOCK_D=128)),
+             options=dict(num_warps=4), ints=("num_splits",), constexprs=dict(HEAD_DIM=128, BLOCK_S=32, BLOCK_D=128)),
     ])
-    assert split["async_copies"] >= 2  # K and V tiles prefetched while the previous block computes
+    assert default["async_copies"] >= 2  # K and V tiles prefetched while the previous block computes
+    assert largest["async_copies"] >= 2 and largest["shared"] <= 227 * 1024  # fits an H100/H200 SM's shared memory

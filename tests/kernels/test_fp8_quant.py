@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import triton
@@ -102,6 +104,29 @@ def test_rows_read_in_chunks(device, monkeypatch):
     ref_q, ref_s = quantize_fp8_per_token(x)
     assert torch.isnan(s[6]).item()
     assert torch.equal(_bits(q), _bits(ref_q)) and torch.equal(_bits(s), _bits(ref_s))
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("cfg", [{"rows": 4}, {"rows": 2, "programs_per_sm": 1}, {"programs_per_sm": 2}],
+                         ids=["rows4", "rows2-persistent", "persistent"])
+def test_row_groups_and_persistent_grid(device, monkeypatch, cfg, chunked):
+    """Several rows a program (13 rows: no multiple of 2 or 4) and a persistent grid (4 SMs in the interpreter:
+    fewer programs than row groups), whole rows in registers or read in chunks: the reference's bits, the
+    crafted rows (zeros, ties, below the amax floor) and a NaN row included; a single row too."""
+    from mixquant_serve.kernels import fp8_quant
+
+    if chunked:
+        monkeypatch.setattr(fp8_quant, "ONE_CHUNK_MAX", 32)
+        monkeypatch.setattr(fp8_quant, "CHUNK", 32)
+    x = _rows(torch.float32, 9)[:, :80]
+    x = torch.cat([x, x[3:4]]).contiguous().to(device)  # chunks of 32, 32 and 16
+    x[12, 70] = float("nan")
+    monkeypatch.setenv("MIXQUANT_KERNEL_CONFIGS", json.dumps({"fp8_per_token": cfg}))
+    for rows in (x, x[12:]):
+        q, s = fp8_quantize_per_token(rows)
+        ref_q, ref_s = quantize_fp8_per_token(rows)
+        assert torch.equal(_bits(q), _bits(ref_q)) and torch.equal(_bits(s), _bits(ref_s))
+    assert torch.isnan(s[0]).item()
 
 
 def test_rejects_bad_input(device):

@@ -52,29 +52,64 @@ def test_fp8_epilogue_equals_silu_mul_then_quantize(device, dtype, t, inter):
     assert torch.equal(_bits(q), _bits(want_q)) and torch.equal(_bits(scale), _bits(want_scale))
 
 
-@pytest.mark.parametrize("cfg", [{"block": 16384, "num_warps": 16}, {"block": 512, "num_warps": 2}])
-@pytest.mark.parametrize("inter", [12288, 1500])
-def test_fp8_epilogue_same_bits_in_every_launch_config(device, monkeypatch, cfg, inter):
-    """Whole row in registers (block >= width: gate_up read once) or small chunks: the same codes and scales,
-    NaN rows included (kernels/tuning.py, MIXQUANT_KERNEL_CONFIGS)."""
-    x = torch.randn(4, 2 * inter, generator=torch.Generator().manual_seed(inter)).half().to(device) * 3
-    x[2, inter - 3] = float("nan")
+LAUNCH_CONFIGS = [
+    {"block": 16384, "num_warps": 16},  # the row in registers (two pieces: 8192 + 4096, or 1024 + 512)
+    {"block": 512, "num_warps": 2},  # chunks, two passes
+    {"block": 512, "num_warps": 2, "programs_per_sm": 1},  # persistent: 4 programs in the interpreter
+    {"block": 16384, "num_warps": 8, "programs_per_sm": 1},
+]
+
+
+@pytest.mark.parametrize("cfg", LAUNCH_CONFIGS)
+@pytest.mark.parametrize("t, inter", [(7, 12288), (7, 1500), (1, 1500)])
+def test_fp8_epilogue_same_bits_in_every_launch_config(device, monkeypatch, cfg, t, inter):
+    """Whole row in registers (block >= width: gate_up read once) or small chunks, one program per row or a
+    persistent grid with fewer programs than rows: the codes and scales of the default configuration and of
+    the reference, for a NaN row, an all-zero row and a row whose amax underflows to the floor
+    (kernels/tuning.py, MIXQUANT_KERNEL_CONFIGS)."""
+    x = torch.randn(t, 2 * inter, generator=torch.Generator().manual_seed(inter + t)).half() * 3
+    if t > 1:
+        x[2, inter - 3] = float("nan")
+        x[4] = 0.0
+        x[5] *= 1e-5
+    x = x.to(device)
     want_q, want_scale = silu_mul_fp8(x)
     monkeypatch.setenv("MIXQUANT_KERNEL_CONFIGS", json.dumps({"silu_mul_fp8": cfg}))
     q, scale = silu_mul_fp8(x)
-    assert scale[2].isnan().all() and torch.equal(_bits(q), _bits(want_q))
-    assert torch.equal(_bits(scale), _bits(want_scale))
+    ref_q, ref_scale = fp8_quantize_per_token(silu_mul(x))
+    assert torch.equal(_bits(q), _bits(want_q)) and torch.equal(_bits(scale), _bits(want_scale))
+    assert torch.equal(_bits(q), _bits(ref_q)) and torch.equal(_bits(scale), _bits(ref_scale))
+    if t > 1:
+        floor = (torch.tensor([1e-12]) / 448).to(device)  # float32, as the kernel divides
+        assert scale[2].isnan().all() and torch.equal(scale[4], floor) and torch.equal(scale[5], floor)
 
 
 def test_kernel_config_override_is_checked(monkeypatch):
     from mixquant_serve.kernels.tuning import config
 
-    monkeypatch.setenv("MIXQUANT_KERNEL_CONFIGS", json.dumps({"silu_mul_fp8": {"num_warps": 4}}))
-    assert config("silu_mul_fp8") == {"block": 4096, "num_warps": 4} and config("rmsnorm") == {"max_warps": 16}
-    for bad in ('{"silu_mul_fp8": {"warps": 4}}', '{"gelu": {}}', '[1]', '{"rmsnorm": {"max_warps": -1}}', "{"):
+    monkeypatch.setenv("MIXQUANT_KERNEL_CONFIGS", json.dumps({"silu_mul_fp8": {"num_warps": 4},
+                                                              "fp8_per_token": {"rows": 2, "programs_per_sm": 8}}))
+    assert config("silu_mul_fp8") == {"block": 16384, "num_warps": 4, "programs_per_sm": 0}
+    assert config("fp8_per_token") == {"num_warps": 4, "rows": 2, "programs_per_sm": 8}
+    assert config("rmsnorm") == {"max_warps": 16}
+    for bad in ('{"silu_mul_fp8": {"warps": 4}}', '{"gelu": {}}', '[1]', '{"rmsnorm": {"max_warps": -1}}', "{",
+                '{"silu_mul_fp8": {"block": 3000}}', '{"silu_mul_fp8": {"num_warps": 3}}',
+                '{"silu_mul_fp8": {"num_warps": 64}}', '{"silu_mul_fp8": {"programs_per_sm": -1}}',
+                '{"silu_mul_fp8": {"programs_per_sm": 1.5}}', '{"fp8_per_token": {"rows": 0}}',
+                '{"fp8_per_token": {"rows": 3}}', '{"fp8_per_token": {"num_warps": 6}}'):
         monkeypatch.setenv("MIXQUANT_KERNEL_CONFIGS", bad)
         with pytest.raises(ValueError, match="MIXQUANT_KERNEL_CONFIGS"):
             config("rmsnorm")
+
+
+def test_persistent_grid_size(device):
+    """At most programs_per_sm programs per SM (4 SMs in the interpreter), never more than the rows."""
+    from mixquant_serve.kernels.tuning import launch_grid, num_sms
+
+    sms = num_sms(device)
+    assert sms == (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4)
+    assert launch_grid(10 * sms, 0, device) == 10 * sms and launch_grid(10 * sms, 2, device) == 2 * sms
+    assert launch_grid(3, 2, device) == 3
 
 
 def test_fp8_epilogue_keeps_leading_dims_and_strides(device):
