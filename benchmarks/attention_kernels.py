@@ -52,11 +52,13 @@ SWEEP_DECODE, SMOKE_SWEEP_DECODE = [(1, 1024), (1, 8192), (1, 32768), (8, 4096),
 # split policies: 32 / 64 / 128 splits at batch 1 on 132 SMs (5 / 9 / 17 at batch 8, 1 / 2 / 3 at batch 64)
 SPLITS = [{"split_cap": 32, "programs_per_sm": 2}, {"split_cap": 64, "programs_per_sm": 4},
           {"split_cap": 128, "programs_per_sm": 8}]
-SWEEP = [{"block_n": n, "num_warps": w, "num_stages": st, **sp} for n in (32, 64, 128) for w in (4, 8)
+# every configuration launches split and unsplit batches alike (split_block_n / split_num_stages 0)
+SAME = {"split_block_n": 0, "split_num_stages": 0}
+SWEEP = [{"block_n": n, "num_warps": w, "num_stages": st, **sp, **SAME} for n in (32, 64, 128) for w in (4, 8)
          for st in (2, 3, 4) for sp in SPLITS if n > 32 or w == 4]  # 8 warps on 32 keys a step: too little work
 # on CPU the backend counts one SM: many programs a "SM" to get several splits (1 and 2 of them at batch 3)
-SMOKE_SWEEP = [{"block_n": 16, "num_warps": 2, "num_stages": 3, "split_cap": 4, "programs_per_sm": 64},
-               {"block_n": 32, "num_warps": 8, "num_stages": 1, "split_cap": 3, "programs_per_sm": 16}]
+SMOKE_SWEEP = [{"block_n": 16, "num_warps": 2, "num_stages": 3, "split_cap": 4, "programs_per_sm": 64, **SAME},
+               {"block_n": 32, "num_warps": 8, "num_stages": 1, "split_cap": 3, "programs_per_sm": 16, **SAME}]
 SWEEP_REP_MS, TOP = 10, 5
 
 

@@ -28,6 +28,8 @@ def _config() -> dict[str, int]:
     if cfg["split_cap"] < 1 or cfg["programs_per_sm"] < 1:
         raise ValueError(f"decode_attention: split_cap and programs_per_sm must be >= 1, got {cfg} "
                          f"(kernels/tuning.py, {ENV})")
+    _check_launch(cfg["block_n"], cfg["num_warps"], cfg["num_stages"])
+    _check_launch(cfg["split_block_n"] or cfg["block_n"], cfg["num_warps"], cfg["split_num_stages"] or 1)
     return cfg
 
 
@@ -138,8 +140,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if num_splits < 1 or page_size < 1:
         raise ValueError(f"num_splits and page_size must be >= 1, got {num_splits}, {page_size}")
     cfg = _config()
+    split = num_splits > 1
+    bn, st = ("split_block_n" if split and cfg["split_block_n"] else "block_n",
+              "split_num_stages" if split and cfg["split_num_stages"] else "num_stages")
     block_n, num_warps, num_stages = (cfg[name] if given is None else given for name, given in
-                                      (("block_n", block_n), ("num_warps", num_warps), ("num_stages", num_stages)))
+                                      ((bn, block_n), ("num_warps", num_warps), (st, num_stages)))
     _check_launch(block_n, num_warps, num_stages)
     (b, h, d), hkv = q.shape, k_cache.shape[1]
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out

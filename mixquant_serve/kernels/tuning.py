@@ -8,10 +8,10 @@ registers as two power-of-two pieces, one read of gate_up), num_warps and progra
 row; n: a persistent grid of at most n programs per SM, each looping over rows pid, pid + grid, ...);
 "rmsnorm": max_warps; "fp8_per_token": num_warps (0: 4 up to a block of 1024 columns, else 8), rows (rows per
 program, a power of two: one [rows, K] tile) and programs_per_sm (as for SiLU-mul, over groups of rows);
-"decode_attention" (not swept yet: the launch it always had; `benchmarks/attention_kernels.py
---sweep` times it in a CUDA graph): block_n (keys per step, a power of two >= 16), num_warps, num_stages, and
-the KV splits of a decode batch of B rows: about programs_per_sm x SMs programs over B x kv heads, at most
-split_cap.
+"decode_attention" (`benchmarks/attention_kernels.py --sweep` times it in a CUDA graph): block_n (keys per step,
+a power of two >= 16), num_warps, num_stages, the KV splits of a decode batch of B rows (about programs_per_sm x
+SMs programs over B x kv heads, at most split_cap), and split_block_n / split_num_stages: block_n and num_stages
+of a launch that splits the KV (0: the same as unsplit).
 """
 
 from __future__ import annotations
@@ -28,7 +28,10 @@ DEFAULTS: dict[str, dict[str, int]] = {
     "silu_mul_fp8": {"block": 16384, "num_warps": 8, "programs_per_sm": 0},
     "rmsnorm": {"max_warps": 16},  # fewer warps sum a row in another order: other bits
     "fp8_per_token": {"num_warps": 4, "rows": 1, "programs_per_sm": 0},  # 0.035 ms at 8k (8 warps: 0.036)
-    "decode_attention": {"block_n": 64, "num_warps": 4, "num_stages": 2, "split_cap": 32, "programs_per_sm": 2},
+    # a launch that splits the KV (small batches) reads 128 keys a step with 3 stages: 41.3 against 50.0 us a
+    # layer at batch 1, 32k context (77% of the copy bandwidth); unsplit (batch 64) 64 keys stay faster (RESULTS.md)
+    "decode_attention": {"block_n": 64, "num_warps": 4, "num_stages": 2, "split_cap": 32, "programs_per_sm": 2,
+                         "split_block_n": 128, "split_num_stages": 3},
 }
 ENV = "MIXQUANT_KERNEL_CONFIGS"
 INTERPRETER_SMS = 4  # the SM count a persistent grid assumes in Triton's CPU interpreter (tests loop over rows)

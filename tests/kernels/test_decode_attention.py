@@ -84,7 +84,7 @@ def test_default_num_splits_fills_the_gpu_without_depending_on_lengths(monkeypat
     assert default_num_splits(256, 8) == 1
     assert default_num_splits(0, 8) == 32
     assert config("decode_attention") == {"block_n": 64, "num_warps": 4, "num_stages": 2, "split_cap": 32,
-                                          "programs_per_sm": 2}  # the launch before it was tunable
+                                          "programs_per_sm": 2, "split_block_n": 128, "split_num_stages": 3}
     monkeypatch.setenv("MIXQUANT_KERNEL_CONFIGS", json.dumps({"decode_attention": {"split_cap": 128,
                                                                                    "programs_per_sm": 8}}))
     assert default_num_splits(1, 8) == 128  # ceil(1056 / 8) capped
@@ -151,3 +151,32 @@ def test_compiles_for_hopper_with_pipelined_kv_loads():
     ])
     assert default["async_copies"] >= 2  # K and V tiles prefetched while the previous block computes
     assert largest["async_copies"] >= 2 and largest["shared"] <= 227 * 1024  # fits an H100/H200 SM's shared memory
+
+
+def test_split_launches_take_the_split_fields(device, monkeypatch):
+    """split_block_n / split_num_stages apply to launches with KV splits only; both checked up front."""
+    import mixquant_serve.kernels.decode_attention as da
+
+    launches = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((kw["BLOCK_N"], kw["num_stages"]))
+
+    monkeypatch.setattr(da, "_decode_split_kernel", Kernel())
+    monkeypatch.setattr(da, "merge_attention", lambda *args: None)
+    q = torch.randn(1, 4, 64, device=device)
+    k = torch.randn(64, 2, 64, device=device)
+    table = torch.arange(4, dtype=torch.int32, device=device).view(1, 4)
+    lens = torch.tensor([40], dtype=torch.int32, device=device)
+    monkeypatch.setenv("MIXQUANT_KERNEL_CONFIGS", json.dumps({"decode_attention": {"split_block_n": 32}}))
+    decode_attention(q, k, k, table, lens, 16, 0.125, 1)
+    decode_attention(q, k, k, table, lens, 16, 0.125, 2)
+    assert launches == [(64, 2), (32, 3)]
+    monkeypatch.setenv("MIXQUANT_KERNEL_CONFIGS", json.dumps({"decode_attention": {"split_block_n": 0,
+                                                                                   "split_num_stages": 0}}))
+    decode_attention(q, k, k, table, lens, 16, 0.125, 2)
+    assert launches[-1] == (64, 2)  # 0: as unsplit
+    monkeypatch.setenv("MIXQUANT_KERNEL_CONFIGS", json.dumps({"decode_attention": {"split_block_n": 48}}))
+    with pytest.raises(ValueError, match="block_n must be a power of two"):
+        decode_attention(q, k, k, table, lens, 16, 0.125, 1)

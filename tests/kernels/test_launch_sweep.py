@@ -58,9 +58,9 @@ def test_attention_sweep_checks_outputs_and_picks_the_fastest(monkeypatch):
     monkeypatch.setattr(ak, "SMOKE_SWEEP", [*ak.SMOKE_SWEEP, bad])
     forward = TritonBackend.forward
 
-    def off_under_bad(self, *args, **kw):  # a wrong kernel: the right output but for a 1% error under `bad`
+    def off_under_bad(self, *args, **kw):  # a wrong kernel: the right output but for a 5% error under `bad`
         out = forward(self, *args, **kw)
-        return out * 1.01 if json.loads(os.environ["MIXQUANT_KERNEL_CONFIGS"])["decode_attention"] == bad else out
+        return out * 1.05 if json.loads(os.environ["MIXQUANT_KERNEL_CONFIGS"])["decode_attention"] == bad else out
 
     monkeypatch.setattr(TritonBackend, "forward", off_under_bad)
     times = iter([9.0, 2.0, 3.0, 1.0, 0.5] * 2)  # a fake clock (the default's warm-up first): SMOKE_SWEEP[1] wins
