@@ -42,7 +42,7 @@ _HELP = {
                     "prefill, off for FP8)",
     "fp8_fast_accum": "FP8 GEMMs on CUDA accumulate in the tensor cores without promoting partial sums to float32 "
                       "(cuBLAS use_fast_accum, as the FP8 GEMMs of vLLM and SGLang do): faster prefill, slightly "
-                      "less precise (an error an order of magnitude below what FP8 quantization itself adds); "
+                      "less precise (relative error 2-3e-3 against 1.7e-3 on Qwen3-8B shapes); "
                       "process-wide; no effect on CPU",
     "bf16_tail_tokens": "Mix-Quant: the last N prompt tokens of each request are computed in the decode precision "
                         "(BF16), on the decode worker when disaggregated, the rest in the prefill precision; "

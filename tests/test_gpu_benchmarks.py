@@ -269,3 +269,11 @@ def test_gap_report_by_hand():
     assert longest[0].split(":")[0].strip() == "40 us at    1.06 ms" and "aten::empty 5 us" in longest[0]
     assert "b -> c | host: aten::item 20 us" in longest[1]
     assert profile_step.gap_report([], host, top=3) == "no GPU activity"
+
+
+@pytest.mark.parametrize("script", ["gemv_speed.py", "fp8_accumulation.py"])
+def test_kernel_benchmarks_run_in_smoke_mode(script):
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke"], env={**ENV, "TRITON_INTERPRET": "1"},
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "|---|" in proc.stdout

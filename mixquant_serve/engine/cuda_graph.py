@@ -18,6 +18,7 @@ import torch
 
 from mixquant_serve.layers.attention.base import SeqSlice
 from mixquant_serve.layers.forward_context import ForwardContext, forward_context
+from mixquant_serve.quant.methods import graph_warmup
 
 log = logging.getLogger("mixquant.cuda_graph")
 
@@ -56,7 +57,7 @@ class DecodeGraphs:
         meta = self.attn.load_decode_meta(self.static_meta, [SeqSlice([0], 0, 1)], bs)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up off the capture: kernel compilation, library handles
+        with torch.cuda.stream(stream), graph_warmup():  # off the capture: kernel compilation, library handles
             self._forward(bs, meta)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from mixquant_serve.layers.forward_context import ForwardContext, forward_context
+from mixquant_serve.quant.methods import graph_warmup
 
 log = logging.getLogger("mixquant.piecewise_graph")
 
@@ -113,7 +114,7 @@ class PiecewiseGraphs:
         with forward_context(self._context(key, n)):
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up off the capture: kernel compilation, library handles
+            with torch.cuda.stream(stream), graph_warmup():  # off the capture: kernel compilation, library handles
                 residual = None
                 for i in range(self.num_layers + 1):
                     residual = self._piece(i, n, residual)

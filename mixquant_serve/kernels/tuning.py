@@ -11,7 +11,9 @@ program, a power of two: one [rows, K] tile) and programs_per_sm (as for SiLU-mu
 "decode_attention" (`benchmarks/attention_kernels.py --sweep` times it in a CUDA graph): block_n (keys per step,
 a power of two >= 16), num_warps, num_stages, the KV splits of a decode batch of B rows (about programs_per_sm x
 SMs programs over B x kv heads, at most split_cap), and split_block_n / split_num_stages: block_n and num_stages
-of a launch that splits the KV (0: the same as unsplit).
+of a launch that splits the KV (0: the same as unsplit); "gemv": max_rows (linears of up to that many rows in a
+16-bit dtype run kernels/gemv.py with the RMSNorm or SiLU-mul before them fused; 0: never) and graph_only (1: only
+while a CUDA graph is being captured, where its launches cost nothing; 0: also eagerly, e.g. CPU tests).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ DEFAULTS: dict[str, dict[str, int]] = {
     "fp8_per_token": {"num_warps": 4, "rows": 1, "programs_per_sm": 0},  # 0.035 ms at 8k (8 warps: 0.036)
     # a launch that splits the KV (small batches) reads 128 keys a step with 3 stages: 41.3 against 50.0 us a
     # layer at batch 1, 32k context (77% of the copy bandwidth); unsplit (batch 64) 64 keys stay faster (RESULTS.md)
+    # kernels/gemv.py for 16-bit linears of up to max_rows rows, producer fused (0: cuBLAS), only while a CUDA
+    # graph captures unless graph_only is 0; off until measured end to end (kernel level: RESULTS.md)
+    "gemv": {"max_rows": 0, "graph_only": 1},
     "decode_attention": {"block_n": 64, "num_warps": 4, "num_stages": 2, "split_cap": 32, "programs_per_sm": 2,
                          "split_block_n": 128, "split_num_stages": 3},
 }

@@ -9,7 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixquant_serve.config import ConfigError
-from mixquant_serve.quant.methods import FP8_PER_TOKEN, NVFP4_FOLDED, InputQuant, QuantizedActivation
+from mixquant_serve.quant.methods import (
+    FP8_PER_TOKEN,
+    GEMV_PROLOGUE,
+    NVFP4_FOLDED,
+    DeferredSiluMul,
+    InputQuant,
+    QuantizedActivation,
+    small_batch_gemv,
+)
 
 _ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -24,7 +32,10 @@ class GatedAct(nn.Module):
 
     def forward(self, gate_up: torch.Tensor, quant: InputQuant | None = None
                 ) -> torch.Tensor | QuantizedActivation:
-        """``act(gate) * up``; quantized as `quant` asks when a CUDA kernel does it (else the plain tensor)."""
+        """``act(gate) * up``; quantized as `quant` asks when a CUDA kernel does it (else the plain tensor), or
+        left to a small-batch GEMV (GEMV_PROLOGUE, where `small_batch_gemv` says so)."""
+        if quant == GEMV_PROLOGUE and self.name == "silu" and small_batch_gemv(gate_up):
+            return DeferredSiluMul(gate_up)
         if gate_up.is_cuda and self.name == "silu":
             from mixquant_serve.kernels.silu_mul import silu_mul, silu_mul_fp8, silu_mul_nvfp4
 

@@ -11,7 +11,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mixquant_serve.quant.methods import FP8_PER_TOKEN, NVFP4_FOLDED, InputQuant, QuantizedActivation
+from mixquant_serve.quant.methods import (
+    FP8_PER_TOKEN,
+    GEMV_PROLOGUE,
+    NVFP4_FOLDED,
+    DeferredRMSNorm,
+    InputQuant,
+    QuantizedActivation,
+    small_batch_gemv,
+)
 
 
 class RMSNorm(nn.Module):
@@ -20,8 +28,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, quant: InputQuant | None = None) -> torch.Tensor | QuantizedActivation:
-        """``norm(x)``; quantized as `quant` asks when this runs on CUDA (else the plain tensor)."""
+    def forward(self, x: torch.Tensor, quant: InputQuant | None = None
+                ) -> torch.Tensor | QuantizedActivation | DeferredRMSNorm:
+        """``norm(x)``; quantized as `quant` asks when this runs on CUDA (else the plain tensor), or left to a
+        small-batch GEMV (GEMV_PROLOGUE, where `small_batch_gemv` says so)."""
+        if quant == GEMV_PROLOGUE and small_batch_gemv(x):
+            return DeferredRMSNorm(x, None, self.weight, self.eps, None)
         if x.is_cuda:
             return self._kernel(x, None, quant)[0]
         return self._eager(x)
@@ -29,6 +41,9 @@ class RMSNorm(nn.Module):
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor, quant: InputQuant | None = None
                  ) -> tuple[torch.Tensor | QuantizedActivation, torch.Tensor]:
         """``(norm(x + residual), x + residual)``: the decoder layer's residual add and the next norm."""
+        if quant == GEMV_PROLOGUE and small_batch_gemv(x):
+            total = torch.empty_like(x)  # the GEMV writes x + residual here
+            return DeferredRMSNorm(x, residual, self.weight, self.eps, total), total
         if x.is_cuda:
             return self._kernel(x, residual, quant)
         total = x + residual

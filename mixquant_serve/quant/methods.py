@@ -8,7 +8,10 @@ Methods are registered by name and imported lazily by `create_quant_method`.
 from __future__ import annotations
 
 import importlib
+import os
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -42,6 +45,59 @@ FP8_PER_TOKEN = InputQuant("fp8_per_token")
 # the NVFP4 operand with the per-token power-of-two scale folded in, in the activation's dtype, and those
 # scales, as kernels/nvfp4_quant.py's nvfp4_quantize_dequantize(x, fold_global=True) gives them
 NVFP4_FOLDED = InputQuant("nvfp4_folded")
+
+
+# the producer's own inputs instead of its output (DeferredRMSNorm, DeferredSiluMul), for a small-batch GEMV that
+# computes the producer in its prologue (kernels/gemv.py); producers defer only where `small_batch_gemv` says
+GEMV_PROLOGUE = InputQuant("gemv_prologue")
+
+
+class DeferredRMSNorm(NamedTuple):
+    """``rmsnorm(x + residual)`` not yet computed: the GEMV's prologue computes it and writes ``x + residual`` to
+    ``residual_out`` (which the producer already returned as the new residual stream)."""
+
+    x: torch.Tensor
+    residual: torch.Tensor | None
+    weight: torch.Tensor
+    eps: float
+    residual_out: torch.Tensor | None
+
+
+class DeferredSiluMul(NamedTuple):
+    """``silu(gate) * up`` of a merged ``gate_up [T, 2I]``, not yet computed."""
+
+    gate_up: torch.Tensor
+
+
+_graph_warmup = False
+
+
+@contextmanager
+def graph_warmup() -> Iterator[None]:
+    """Around the eager warm-up forward before a CUDA-graph capture: it takes the paths the capture will (so
+    their kernels compile outside it)."""
+    global _graph_warmup
+    prev, _graph_warmup = _graph_warmup, True
+    try:
+        yield
+    finally:
+        _graph_warmup = prev
+
+
+def small_batch_gemv(x: torch.Tensor) -> bool:
+    """Whether a 16-bit linear on ``x [T, K]`` runs kernels/gemv.py (its producer fused): T at most the "gemv"
+    max_rows of kernels/tuning.py, on CUDA (or Triton's interpreter), and, unless graph_only is 0, only inside a
+    CUDA graph (its capture or `graph_warmup`: eagerly its launches cost more than cuBLAS's)."""
+    from mixquant_serve.kernels.tuning import config
+
+    cfg = config("gemv")
+    if x.dim() != 2 or not 0 < x.shape[0] <= cfg["max_rows"] or x.dtype not in (torch.bfloat16, torch.float16,
+                                                                                  torch.float32):
+        return False
+    in_graph = _graph_warmup or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+    if not cfg["graph_only"] or in_graph:
+        return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return False
 
 
 class QuantizedActivation(NamedTuple):
@@ -132,8 +188,27 @@ class Unquantized(QuantMethod):
         dst.copy_(tensor)
         return True
 
-    def apply(self, impl: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, impl: nn.Module, x: torch.Tensor | DeferredRMSNorm | DeferredSiluMul,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(x, DeferredRMSNorm | DeferredSiluMul) or small_batch_gemv(x):
+            return self._gemv(impl, x, bias)
         return torch.nn.functional.linear(x, impl.weight, bias)
+
+    @staticmethod
+    def _gemv(impl: nn.Module, x: torch.Tensor | DeferredRMSNorm | DeferredSiluMul,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        from mixquant_serve.kernels.gemv import gemv, rmsnorm_gemv, silu_mul_gemv
+
+        if isinstance(x, DeferredRMSNorm):
+            out = rmsnorm_gemv(x.x, x.residual, x.weight, x.eps, impl.weight, residual_out=x.residual_out)
+        elif isinstance(x, DeferredSiluMul):
+            out = silu_mul_gemv(x.gate_up, impl.weight)
+        else:
+            out = gemv(x, impl.weight)
+        return out if bias is None else out + bias
+
+    def input_quant(self, impl: nn.Module) -> InputQuant:
+        return GEMV_PROLOGUE
 
     def apply_rows(self, impl: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, rows: slice) -> torch.Tensor:
         return torch.nn.functional.linear(x, impl.weight[rows], bias)

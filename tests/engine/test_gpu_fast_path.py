@@ -109,3 +109,26 @@ def test_piecewise_prompt_graphs_equal_the_eager_prompt_forward(model_dir, prefi
                     top2 = y.topk(2).values
                     assert top2[0] - top2[1] < 0.1
     assert on.pool.num_free + on.cache.num_pages == on.pool.capacity
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_small_batch_gemv_in_the_decode_graphs(model_dir, monkeypatch, dtype):
+    """kernels/gemv.py with the norms and SiLU-mul fused, captured in the decode graphs of batches up to 4 rows
+    ("gemv" max_rows), against the same graphs on cuBLAS: float32 to rounding, bfloat16 within near-ties."""
+    prompts = None
+    outs, spies = [], []
+    for on in (False, True):
+        monkeypatch.setenv("MIXQUANT_KERNEL_CONFIGS", '{"gemv": {"max_rows": 4}}' if on else "{}")
+        engine = _engine(model_dir, dtype, True)
+        prompts = prompts or _prompts(engine, 3)
+        spies.append(LogitSpy(engine))
+        outs.append(engine.generate(prompts, GREEDY))
+    for a, b in zip(*outs, strict=True):
+        for step, (x, y) in enumerate(zip(spies[1].rows[a.rid], spies[0].rows[b.rid], strict=True)):
+            if dtype == "float32":
+                assert a.token_ids == b.token_ids
+                torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+                continue
+            if a.token_ids[:step] != b.token_ids[:step]:
+                break
+            assert (x - y).abs().max() < 0.1

@@ -10,7 +10,13 @@ from mixquant_serve.layers.forward_context import ForwardContext, forward_contex
 from mixquant_serve.layers.linear import LinearBase
 from mixquant_serve.quant.fp8 import fp8_linear, quantize_fp8_per_channel, quantize_fp8_per_token
 from mixquant_serve.quant.fp8_method import FP8Method
-from mixquant_serve.quant.methods import FP8_PER_TOKEN, QuantizedActivation, Unquantized, create_quant_method
+from mixquant_serve.quant.methods import (
+    FP8_PER_TOKEN,
+    GEMV_PROLOGUE,
+    QuantizedActivation,
+    Unquantized,
+    create_quant_method,
+)
 from mixquant_serve.quant.nvfp4 import (
     fake_quantize_nvfp4,
     nvfp4_global_scale,
@@ -178,7 +184,8 @@ def test_fp8_asks_for_and_takes_an_input_quantized_by_its_producer(with_bias):
     for p in ("bf16", "fp8", "nvfp4"):
         with forward_context(ForwardContext(p, None, None)):
             wants[p] = layer.input_quant()
-    assert wants == {"bf16": None, "fp8": FP8_PER_TOKEN, "nvfp4": None}
+    # BF16 takes its producer's inputs for a small-batch GEMV where quant/methods.py's small_batch_gemv says so
+    assert wants == {"bf16": GEMV_PROLOGUE, "fp8": FP8_PER_TOKEN, "nvfp4": None}
     x = torch.randn(2, 5, K, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
     quantized = QuantizedActivation(*quantize_fp8_per_token(x), x.dtype)
     out = _run(layer, "fp8", quantized)
