@@ -8,7 +8,8 @@ profiles one prefill of --prefill-tokens tokens and --decode-steps decode steps 
 prefix cache. Prints, per phase, the GPU kernels by total time (count, total, share) and the GPU-busy time
 against the wall time, so that the gap between kernels (launch and host overhead) shows too. `--gaps N` adds
 where the GPU sat idle: before the first kernel, after the last, and the N longest gaps between kernels, each
-with the kernels around it and the host ops that started while it lasted (what the GPU waited for).
+with the kernels around it and the host ops that started while it lasted (what the GPU waited for);
+`--host-profile N` adds cProfile's top N host functions of one more prefill.
 """
 
 from __future__ import annotations
@@ -84,6 +85,25 @@ def gap_report(gpu: list[Interval], host: list[Interval], top: int, min_us: floa
     return "\n".join(lines)
 
 
+def host_profile(fn, top: int) -> str:
+    """cProfile of one call of fn (until the GPU finished it): the `top` functions by cumulative host time."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(top)
+    body = text.getvalue().splitlines()
+    start = next((i for i, line in enumerate(body) if "ncalls" in line), 0)
+    return "host (cProfile, by cumulative time):\n" + "\n".join(line for line in body[start:] if line.strip())
+
+
 def profiled(fn) -> tuple[torch.profiler.profile, float]:
     fn()  # warm-up: compilation, graph capture paths, allocator
     torch.cuda.synchronize()
@@ -106,6 +126,9 @@ def profile_engine(engine, make_prompts, precision: str, args: argparse.Namespac
         out[-1] += "\n" + gap_report(*_intervals(prof), args.gaps)
     if args.cpu_top:  # where the host's time goes when the GPU waits for it
         out[-1] += "\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.cpu_top)
+    if args.host_profile:  # Python's view of another such prefill: the host functions the GPU waits for
+        out[-1] += "\n" + host_profile(lambda: engine.generate(make_prompts(1, args.prefill_tokens, next(seeds)),
+                                                                one), args.host_profile)
     batch = make_prompts(args.decode_batch, args.decode_context, 7)
     engine.generate(batch, one)  # now cached: the profiled run decodes
     steps = SamplingParams(max_tokens=1 + args.decode_steps, temperature=0, ignore_eos=True)
@@ -126,6 +149,8 @@ def main() -> None:
     p.add_argument("--decode-context", type=int, default=1024)
     p.add_argument("--decode-steps", type=int, default=8)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--host-profile", type=int, default=0, metavar="N",
+                   help="also cProfile one more prefill and list its N top host functions (cumulative)")
     p.add_argument("--gaps", type=int, default=0, help="also list the N longest GPU idle gaps and what the host did")
     p.add_argument("--cpu-top", type=int, default=0, help="also list the prefill's N ops by host (self CPU) time")
     args = p.parse_args()

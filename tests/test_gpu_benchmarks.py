@@ -277,3 +277,16 @@ def test_kernel_benchmarks_run_in_smoke_mode(script):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "|---|" in proc.stdout
+
+
+
+def test_host_profile_names_the_functions_called():
+    import profile_step
+
+    def work() -> list[int]:
+        return sorted(range(5000), key=lambda i: -i)
+
+    text = profile_step.host_profile(work, 5)
+    first, header, *rows = text.splitlines()
+    assert first == "host (cProfile, by cumulative time):" and "ncalls" in header and "cumtime" in header
+    assert any("work" in row for row in rows) and len(rows) <= 5
