@@ -358,13 +358,15 @@ def environment(device: str) -> dict:
         name, driver = f"CPU: {cpu_name()}", None
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": name, "driver": driver,
             "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
-            "commit": git_commit()}
+            "commit": git_commit(), "kernel_configs": os.environ.get("MIXQUANT_KERNEL_CONFIGS") or None}
 
 
 def env_line(run: dict) -> str:
     env, lim = run["env"], run["limits"]
     driver = f" (driver {env['driver']})" if env.get("driver") else ""
     note = f" **{run['note']}**" if run.get("note") else ""
+    if env.get("kernel_configs"):  # launch configurations other than kernels/tuning.py's defaults
+        note = f" MIXQUANT_KERNEL_CONFIGS={env['kernel_configs']}." + note
     return (f"{env['date']}: {env['device']}{driver}; torch {env['torch']}, triton {env['triton']}, "
             f"CUDA {env['cuda']}; commit {env['commit']}. Same run: bf16 GEMM {lim['peak']['shape']} "
             f"{lim['peak']['tflops']:.1f} TFLOP/s, device-to-device copy {lim['copy']['tbps']:.3f} TB/s "

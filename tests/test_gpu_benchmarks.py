@@ -290,3 +290,13 @@ def test_host_profile_names_the_functions_called():
     first, header, *rows = text.splitlines()
     assert first == "host (cProfile, by cumulative time):" and "ncalls" in header and "cumtime" in header
     assert any("work" in row for row in rows) and len(rows) <= 5
+
+
+def test_environment_line_names_kernel_config_overrides(monkeypatch):
+    monkeypatch.delenv("MIXQUANT_KERNEL_CONFIGS", raising=False)
+    lim = {"peak": {"shape": "8x8x8", "tflops": 1.0}, "copy": {"tbps": 1.0}}
+    plain = common.env_line({"env": common.environment("cpu"), "limits": lim})
+    assert "MIXQUANT_KERNEL_CONFIGS" not in plain
+    monkeypatch.setenv("MIXQUANT_KERNEL_CONFIGS", '{"gemv": {"max_rows": 1}}')
+    line = common.env_line({"env": common.environment("cpu"), "limits": lim, "note": "partial"})
+    assert line.endswith('MIXQUANT_KERNEL_CONFIGS={"gemv": {"max_rows": 1}}. **partial**')
