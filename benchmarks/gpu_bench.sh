@@ -3,7 +3,9 @@
 # installs the carried wheels (.whl, see ../shared/gpu-host/README.md), builds the random Qwen3-8B-shaped
 # checkpoint once, then runs prefill_speed.py, decode_speed.py and serve_speed.py in turn, each under a time
 # limit (SIGTERM: a script stops measuring and writes what it has), going on past a failure.
-#   bash benchmarks/gpu_bench.sh [prefill] [decode] [serve]          (default: all three)
+#   bash benchmarks/gpu_bench.sh [prefill] [decode] [serve] [decode-gemv]   (default: the first three)
+# decode-gemv: decode at batch 1 and 64 (1k; batch 1 at 32k) with kernels/gemv.py on (MIXQUANT_KERNEL_CONFIGS), no
+# HF, into $OUT/gemv: beside `decode`, whether the small-batch GEMV should be on by default.
 # Output in $OUT (default .out/): env.txt, build.log, {prefill,decode,serve}_speed.{log,json,md,png},
 # serve_launch.log, and RESULTS.md: a copy of benchmarks/RESULTS.md with the new tables appended (copy it back,
 # or append a saved run locally with `python benchmarks/X_speed.py --render X_speed.json --record`).
@@ -62,10 +64,13 @@ for which in "${selected[@]}"; do
     decode)  run decode_speed "${DECODE_S:-240}" "$PYTHON" benchmarks/decode_speed.py "${common[@]}" \
                --steps 24 --repeats 2 --hf-cells 1x1024,64x1024,1x8192 --hf-budget-s 100 \
                ${BENCH_ARGS:-} ${DECODE_ARGS:-} ;;
+    decode-gemv) MIXQUANT_KERNEL_CONFIGS='{"gemv": {"max_rows": 1}}' run decode_speed_gemv "${DECODE_S:-240}" \
+               "$PYTHON" benchmarks/decode_speed.py "${common[@]}" --out "$OUT/gemv" --steps 24 --repeats 2 \
+               --batches 1,64 --contexts 1024 --long-context 32768 --no-hf ${BENCH_ARGS:-} ${DECODE_ARGS:-} ;;
     serve)   run serve_speed "${SERVE_S:-200}" "$PYTHON" benchmarks/serve_speed.py "${common[@]}" \
                --concurrency 1,16,64 --prompt-len 2048 --output-len 256 --prefill-precision nvfp4 \
                ${BENCH_ARGS:-} ${SERVE_ARGS:-} ;;
-    *) echo "unknown benchmark $which (prefill, decode, serve)"; rc[$which]=2 ;;
+    *) echo "unknown benchmark $which (prefill, decode, serve, decode-gemv)"; rc[$which]=2 ;;
   esac
 done
 [ "${KEEP_MODEL:-0}" = 1 ] || rm -rf "$MODEL_DIR" "$MODEL_DIR.partial"

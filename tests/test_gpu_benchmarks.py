@@ -200,6 +200,20 @@ def test_gpu_bench_sh_runs_prefill_speed(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
+def test_gpu_bench_sh_decode_gemv_labels_its_kernel_config(tiny_model, tmp_path):
+    """`gpu_bench.sh decode-gemv`: decode_speed with the small-batch GEMV's config set, into $OUT/gemv, the
+    environment line naming the config (on CPU the GEMV itself stays off: it runs only in CUDA graphs)."""
+    env = {**ENV, "OUT": str(tmp_path), "MODEL_DIR": tiny_model, "KEEP_MODEL": "1", "PYTHON": sys.executable,
+           "MODEL_ARGS": "--tiny", "DECODE_ARGS": "--batches 1 --contexts 32 --long-context 0 --steps 2 --repeats 1"}
+    proc = subprocess.run(["bash", str(BENCH / "gpu_bench.sh"), "decode-gemv"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "decode_speed_gemv=0" in (tmp_path / "summary.txt").read_text()
+    table = (tmp_path / "gemv" / "decode_speed.md").read_text()
+    assert 'MIXQUANT_KERNEL_CONFIGS={"gemv": {"max_rows": 1}}.' in table and "| 1 | 32 |" in table
+
+
+@pytest.mark.slow
 def test_prefill_speed_variants_of_one_precision(tiny_model, tmp_path):
     """PRECISION:KEY=VALUE variants get their own engine settings, row and label; --relative-to divides by one."""
     paper = "nvfp4:bf16_kv_proj=false:bf16_tail_tokens=1"
