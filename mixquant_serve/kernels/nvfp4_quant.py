@@ -48,6 +48,48 @@ def _e2m1_code(y):
 
 
 @triton.jit
+def _e2m1_code_of_quotient(x, d):
+    """``_e2m1_code(fl(x / d))`` without the division, for ``d`` (broadcast like x) a power of two times an E4M3
+    value, normal and well inside float32's range, and x with no quotient that underflows to -0.
+
+    Then ``t * d`` is exact for every bound t (at most 7 significant bits) and half an ulp of t, times d, is less
+    than an ulp of ``t * d``, so no float lies between ``t * d`` and the quotient's rounding boundary:
+    ``fl(|x|/d) <= t`` exactly when ``|x| <= t * d`` (bounds 0.25, 1.25, 2.5, 5: their ties round down to them)
+    and ``fl(|x|/d) < t`` exactly when ``|x| < t * d`` (0.75, 1.75, 3.5: ties round up to them)."""
+    mag = tl.abs(x)
+    code = tl.where(x < 0, 8, 0)
+    code += tl.where(mag <= d * 0.25, 0, 1)
+    code += tl.where(mag < d * 0.75, 0, 1)
+    code += tl.where(mag <= d * 1.25, 0, 1)
+    code += tl.where(mag < d * 1.75, 0, 1)
+    code += tl.where(mag <= d * 2.5, 0, 1)
+    code += tl.where(mag < d * 3.5, 0, 1)
+    code += tl.where(mag <= d * 5.0, 0, 1)
+    return code
+
+
+@triton.jit
+def _e2m1_codes(xe, xo, d, NB: tl.constexpr, POW2: tl.constexpr):
+    """E2M1 codes of the ``[NB, 8]`` tiles divided by their blocks' divisors ``d [NB]``: the rounded quotient's
+    ``_e2m1_code``. POW2 (the global scale is a power of two): without the division where that is exact for the
+    whole tile (every d normal and finite, no negative x so small that its quotient would round to -0: then the
+    nibble is 0, not 8), else, and without POW2, by a true division."""
+    dd = tl.broadcast_to(d[:, None], [NB, 8])
+    fast = False
+    if POW2:
+        ok = ((d >= 2.0**-120) & (d <= 2.0**120)).to(tl.int32)  # NaN fails
+        tiny = (((xe < 0) & (tl.abs(xe) * 2.0**100 < dd)) | ((xo < 0) & (tl.abs(xo) * 2.0**100 < dd))).to(tl.int32)
+        fast = (tl.min(ok, 0) == 1) & (tl.max(tl.max(tiny, 1), 0) == 0)
+    if fast:
+        ce = _e2m1_code_of_quotient(xe, dd)
+        co = _e2m1_code_of_quotient(xo, dd)
+    else:
+        ce = _e2m1_code(tl.div_rn(xe, dd))
+        co = _e2m1_code(tl.div_rn(xo, dd))
+    return ce, co
+
+
+@triton.jit
 def _e2m1_value(code):
     """Nibbles to float32 values; 0x8 is +0.0 (Model Optimizer's table)."""
     idx = code & 7
@@ -82,17 +124,16 @@ def _dynamic_global_scale(amax, gs_ptr, row, AMAX_FLOOR: tl.constexpr):
 
 @triton.jit
 def _quantize_pairs(xe, xo, gs, offs, mask, k0, K, packed_row, scale_row, deq_row, NB: tl.constexpr,
-                    DEQUANT: tl.constexpr, FOLD: tl.constexpr, HW: tl.constexpr):
-    """Quantize NB blocks (``_load_pairs``' tiles) with global scale ``gs`` and store them."""
+                    DEQUANT: tl.constexpr, FOLD: tl.constexpr, HW: tl.constexpr, POW2: tl.constexpr):
+    """Quantize NB blocks (``_load_pairs``' tiles) with global scale ``gs`` (POW2: a power of two, the dynamic
+    scale) and store them."""
     amax = tl.maximum(tl.max(tl.abs(xe), 1), tl.max(tl.abs(xo), 1))
     nan = tl.max(((xe != xe) | (xo != xo)).to(tl.int32), 1) > 0
     s = tl.where(nan, float("nan"), tl.div_rn(amax, tl.broadcast_to(gs * 6.0, [NB])))
     s = tl.where(s == 0, 1.0, s)
     s = tl.where(s < 0.001953125, 0.001953125, tl.where(s > 448.0, 448.0, s))  # NaN passes through
     s_code, s_val = e4m3_code_value(s, HW)
-    divisor = tl.broadcast_to((s_val * gs)[:, None], [NB, 8])
-    ce = _e2m1_code(tl.div_rn(xe, divisor))
-    co = _e2m1_code(tl.div_rn(xo, divisor))
+    ce, co = _e2m1_codes(xe, xo, s_val * gs, NB, POW2)
     if DEQUANT:
         values = tl.reshape(tl.join(_e2m1_value(ce), _e2m1_value(co)), [NB, 16]) * s_val[:, None]
         if FOLD:  # a power of two: exact
@@ -121,7 +162,7 @@ def _nvfp4_quant_kernel(x_ptr, gs_ptr, packed_ptr, scale_ptr, deq_ptr, K, stride
                                        AMAX_FLOOR)
         else:
             gs = tl.load(gs_ptr + row * gs_stride)
-        _quantize_pairs(xe, xo, gs, offs, mask, 0, K, p_row, s_row, d_row, NB, DEQUANT, FOLD, HW)
+        _quantize_pairs(xe, xo, gs, offs, mask, 0, K, p_row, s_row, d_row, NB, DEQUANT, FOLD, HW, DYNAMIC)
     else:
         if DYNAMIC:
             gs = _dynamic_global_scale(_row_amax(x_ptr, row_off, K, NB * 16), gs_ptr, row, AMAX_FLOOR)
@@ -129,7 +170,7 @@ def _nvfp4_quant_kernel(x_ptr, gs_ptr, packed_ptr, scale_ptr, deq_ptr, K, stride
             gs = tl.load(gs_ptr + row * gs_stride)
         for k0 in range(0, K, NB * 16):
             xe, xo, offs, mask = _load_pairs(x_ptr, row_off, k0, K, NB)
-            _quantize_pairs(xe, xo, gs, offs, mask, k0, K, p_row, s_row, d_row, NB, DEQUANT, FOLD, HW)
+            _quantize_pairs(xe, xo, gs, offs, mask, k0, K, p_row, s_row, d_row, NB, DEQUANT, FOLD, HW, DYNAMIC)
 
 
 @triton.jit
@@ -145,7 +186,7 @@ def qdq_fold_store(y, gs, deq_row, k0, K, NB: tl.constexpr, HW: tl.constexpr):
     ``nvfp4_quantize_dequantize(fold_global=True)`` writes for them. For fused producers."""
     offs = k0 + tl.arange(0, NB)[:, None] * 16 + tl.arange(0, 16)[None, :]
     xe, xo = tl.split(tl.reshape(y, [NB, 8, 2]))
-    _quantize_pairs(xe, xo, gs, offs, offs < K, k0, K, deq_row, deq_row, deq_row, NB, True, True, HW)
+    _quantize_pairs(xe, xo, gs, offs, offs < K, k0, K, deq_row, deq_row, deq_row, NB, True, True, HW, True)
 
 
 def _check_x(x: torch.Tensor) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernels.conftest import ON_GPU
 
 from mixquant_serve.kernels.nvfp4_quant import nvfp4_quantize, nvfp4_quantize_dequantize
 from mixquant_serve.quant.nvfp4 import (
@@ -121,6 +122,24 @@ def test_rows_read_in_chunks(device, monkeypatch):
     _check(x, torch.rand(4, generator=torch.Generator().manual_seed(1)).to(device) * 0.01)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy: |x| * 2**100 past float32
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_division_free_codes_fall_back_where_they_would_differ(device, dtype):
+    """With the dynamic (power-of-two) scale the kernel compares |x| with bound * divisor instead of dividing,
+    except in programs where that could differ from the quotient's rounding: a negative x whose quotient rounds
+    to -0 (nibble 0, not 8), divisors outside 2**-120..2**120. Rows of one block each, dynamic scale."""
+    rows = [
+        _anchored([-1e-30, 2e29, -3e29], 1e30),  # -1e-30 / ~1.7e29 underflows to -0: nibble 0
+        _anchored([-1e-30, 0.5], 1.0),  # the same value, an ordinary quotient: nibble 8 (no fallback)
+        _anchored([3e37, -2e37], 1e37),  # divisors above 2**120
+        _anchored([3e-37, -2e-37, 1e-38], 1e-36),  # divisors below 2**-120
+    ]
+    x = torch.tensor(rows, dtype=torch.float32).to(dtype).to(device)
+    _check(x, None, (dtype,))
+    packed, _, _ = nvfp4_quantize(x)
+    assert packed[0, 0].item() & 0xF == 0x0 and packed[1, 0].item() & 0xF == 0x8
+
+
 def test_nan_block_and_negative_zero_codes(device):
     x = _crafted_blocks().to(device)
     packed, scales, _ = nvfp4_quantize(x, torch.tensor(1.0, device=device))
@@ -169,3 +188,27 @@ def test_gpu_qwen_shapes_match_cpu_reference(dtype):
             if scale is None:
                 folded, _ = nvfp4_quantize_dequantize(x.cuda(), fold_global=True)
                 assert torch.equal(folded.cpu(), dequantize_nvfp4(ref_packed, ref_scales, ref_scale, torch.bfloat16))
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU every test compiles and launches the kernel")
+def test_compiles_for_hopper_with_and_without_the_division():
+    """The division-free branch is a run-time `if` per program: the sm_90 compiler must take it (the CPU
+    interpreter runs Python's `if`), one row at a time and in chunks."""
+    from kernels.hopper_compile import compile_for_hopper
+
+    pointers = dict(x_ptr="bf16", gs_ptr="fp32", packed_ptr="u8", scale_ptr="u8", deq_ptr="bf16")
+    specs = [dict(module="mixquant_serve.kernels.nvfp4_quant", kernel="_nvfp4_quant_kernel", pointers=pointers,
+                  options=dict(num_warps=8), ints=("K", "gs_stride"), constexprs=dict(
+                      DYNAMIC=dynamic, DEQUANT=dequant, FOLD=dynamic and dequant, NB=nb, ONE_CHUNK=nb == 256,
+                      AMAX_FLOOR=1e-30, HW=True))
+             for dynamic in (True, False) for dequant in (True, False) for nb in (256, 128)]
+    specs += [  # the fused producers (their scale is the dynamic power of two)
+        dict(module="mixquant_serve.kernels.rmsnorm", kernel="_rmsnorm_kernel", options=dict(num_warps=16),
+             pointers=dict(x_ptr="bf16", res_ptr="bf16", out_ptr="bf16", res_out_ptr="bf16", w_ptr="bf16",
+                           s_ptr="fp32"), ints=("n_cols", "x_stride", "res_stride"),
+             constexprs=dict(HAS_RES=True, BLOCK=4096, QUANT=2, MIN_AMAX=1e-12, AMAX_FLOOR=1e-30, HW=True)),
+        dict(module="mixquant_serve.kernels.silu_mul", kernel="_silu_mul_nvfp4_kernel", options=dict(num_warps=8),
+             pointers=dict(x_ptr="bf16", out_ptr="bf16", gs_ptr="fp32"), ints=("inter", "x_stride"),
+             constexprs=dict(BLOCK=2048, AMAX_FLOOR=1e-30, HW=True)),
+    ]
+    assert len(compile_for_hopper(specs)) == 10
