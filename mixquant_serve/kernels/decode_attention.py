@@ -12,6 +12,9 @@ policy: kernels/tuning.py's "decode_attention" entry (MIXQUANT_KERNEL_CONFIGS ov
 
 from __future__ import annotations
 
+import os
+from functools import cache
+
 import torch
 import triton
 import triton.language as tl
@@ -24,6 +27,12 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _config() -> dict[str, int]:
+    """The "decode_attention" launch fields, checked once per override text (asked for every layer)."""
+    return _checked(os.environ.get(ENV, ""))
+
+
+@cache
+def _checked(text: str) -> dict[str, int]:
     cfg = config("decode_attention")
     if cfg["split_cap"] < 1 or cfg["programs_per_sm"] < 1:
         raise ValueError(f"decode_attention: split_cap and programs_per_sm must be >= 1, got {cfg} "

@@ -13,10 +13,9 @@ about 30 ALU operations an element and made the kernel compute-bound (28% of cop
 ``quantize_row_store`` for a row held in registers (``rmsnorm_fp8``); ``amax_scale``, ``abs_max`` and
 ``quantize_codes`` (``silu_mul_fp8``, and this kernel).
 
-Even with the hardware conversion both FP8 producers were bound by instruction issue on an H200 (ncu, 8k tokens:
-issue slots 74-81% busy, the special-function pipe 57-67%), not by memory, so ``abs_max`` and ``quantize_codes``
-spend fewer instructions an element (a NaN-keeping max, no clamp before the saturating conversion): 23% fewer
-instructions here (0.032 -> 0.026 ms under ncu), 12% in ``silu_mul_fp8``. A program takes
+Even with the hardware conversion both FP8 producers were bound by instruction issue on an H200 (an ncu run),
+not by memory, so ``abs_max`` and ``quantize_codes`` spend fewer instructions an element (a NaN-keeping max, no
+clamp before the saturating conversion). A program takes
 ``rows`` rows as one [rows, K] tile, one group per program or a persistent grid (``kernels/tuning.py``).
 """
 

@@ -18,9 +18,9 @@ The product is a tensor-core ``tl.dot`` of the rows (a power of two; Triton pads
 tile, pipelined over ``num_stages`` weight tiles; the operand's inputs are loaded one K step ahead. float32
 operands use IEEE products (never TF32).
 
-MAX_M is a speed limit, not a correctness one: on one H200 (CUDA graphs, bfloat16, Qwen3-8B's four decode GEMMs)
-the fused kernels beat the separate producer + cuBLAS by ~9 us a layer at M = 1 and tie at M = 4, but at M = 16
-they were up to 3x slower (untuned). Above MAX_M rows the caller uses cuBLAS.
+MAX_M is a speed limit, not a correctness one: on one H200 (CUDA graphs, bfloat16, Qwen3-8B's four decode GEMMs;
+benchmarks/RESULTS.md) the fused kernels beat the separate producer + cuBLAS by ~8 us a layer at M = 1, were
+~5 us slower at M = 4 and up to 3x slower at M = 16 (untuned). Above MAX_M rows the caller uses cuBLAS.
 """
 
 from __future__ import annotations

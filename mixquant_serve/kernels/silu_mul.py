@@ -96,9 +96,9 @@ def _silu_mul_fp8_row(x_ptr, q_ptr, s_ptr, row, inter, x_stride, BLOCK: tl.const
 @triton.jit
 def _silu_mul_fp8_kernel(x_ptr, q_ptr, s_ptr, n_rows, inter, x_stride, BLOCK: tl.constexpr, MIN_AMAX: tl.constexpr,
                          HW: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr, PERSISTENT: tl.constexpr):
-    """One row per program, or (PERSISTENT) rows pid, pid + grid, ... (ncu on an H200, 8k tokens: the two-pass
-    path already reads its second pass from L2, 419 MB from memory for 403 MB of gate_up; the kernel is bound
-    by instruction issue, so the row held in registers, which computes silu once, is the faster path)."""
+    """One row per program, or (PERSISTENT) rows pid, pid + grid, ... (an ncu run on an H200: the two-pass path
+    already reads its second pass from L2 and the kernel is bound by instruction issue, so the row held in
+    registers, which computes silu once, is the faster path: benchmarks/RESULTS.md)."""
     if PERSISTENT:
         for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
             _silu_mul_fp8_row(x_ptr, q_ptr, s_ptr, row, inter, x_stride, BLOCK, MIN_AMAX, HW, HEAD, TAIL)

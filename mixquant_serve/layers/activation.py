@@ -31,7 +31,7 @@ class GatedAct(nn.Module):
         self.name = name
 
     def forward(self, gate_up: torch.Tensor, quant: InputQuant | None = None
-                ) -> torch.Tensor | QuantizedActivation:
+                ) -> torch.Tensor | QuantizedActivation | DeferredSiluMul:
         """``act(gate) * up``; quantized as `quant` asks when a CUDA kernel does it (else the plain tensor), or
         left to a small-batch GEMV (GEMV_PROLOGUE, where `small_batch_gemv` says so)."""
         if quant == GEMV_PROLOGUE and self.name == "silu" and small_batch_gemv(gate_up):

@@ -39,7 +39,7 @@ class RMSNorm(nn.Module):
         return self._eager(x)
 
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor, quant: InputQuant | None = None
-                 ) -> tuple[torch.Tensor | QuantizedActivation, torch.Tensor]:
+                 ) -> tuple[torch.Tensor | QuantizedActivation | DeferredRMSNorm, torch.Tensor]:
         """``(norm(x + residual), x + residual)``: the decoder layer's residual add and the next norm."""
         if quant == GEMV_PROLOGUE and small_batch_gemv(x):
             total = torch.empty_like(x)  # the GEMV writes x + residual here

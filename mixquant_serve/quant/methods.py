@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import nn
 
+from mixquant_serve.kernels.tuning import config
+
 if TYPE_CHECKING:
     from mixquant_serve.layers.linear import LinearBase
 
@@ -88,11 +90,10 @@ def small_batch_gemv(x: torch.Tensor) -> bool:
     """Whether a 16-bit linear on ``x [T, K]`` runs kernels/gemv.py (its producer fused): T at most the "gemv"
     max_rows of kernels/tuning.py, on CUDA (or Triton's interpreter), and, unless graph_only is 0, only inside a
     CUDA graph (its capture or `graph_warmup`: eagerly its launches cost more than cuBLAS's)."""
-    from mixquant_serve.kernels.tuning import config
-
+    if x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
     cfg = config("gemv")
-    if x.dim() != 2 or not 0 < x.shape[0] <= cfg["max_rows"] or x.dtype not in (torch.bfloat16, torch.float16,
-                                                                                  torch.float32):
+    if not 0 < x.shape[0] <= cfg["max_rows"]:
         return False
     in_graph = _graph_warmup or (x.is_cuda and torch.cuda.is_current_stream_capturing())
     if not cfg["graph_only"] or in_graph:
